@@ -1,0 +1,1 @@
+"""Runnable example jobs: a TOML file and the task module it names."""

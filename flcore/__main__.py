@@ -1,0 +1,3 @@
+from flcore.cli import main
+
+main()

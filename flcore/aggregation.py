@@ -1,0 +1,66 @@
+"""Streaming weighted means of state dicts: one accumulator, never a copy per client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+
+class WeightedMean:
+    """Fold state dicts in one at a time; :meth:`result` gives their weighted mean.
+
+    Floating tensors accumulate in float64 and are cast back to their dtype once, so the
+    mean is the correctly rounded result for float16, bfloat16 and float32. Integer
+    buffers (BatchNorm's ``num_batches_tracked``) get the rounded mean; booleans a
+    weighted majority.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
+        if self._sums and set(weights) != set(self._sums):
+            raise ValueError("state dicts of a weighted mean must have the same names")
+        for name, tensor in weights.items():
+            tensor = tensor.detach()
+            acc = self._sums.get(name)
+            if acc is None:
+                self._dtypes[name] = tensor.dtype
+                self._sums[name] = tensor.to(torch.float64, copy=True).mul_(weight)
+            else:
+                acc.add_(
+                    tensor.to(torch.float64) if tensor.dtype == torch.bool else tensor, alpha=weight
+                )
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.count:
+            raise ValueError("weighted mean of nothing")
+        out = {}
+        for name, acc in self._sums.items():
+            mean = acc / self.total_weight
+            dtype = self._dtypes[name]
+            if dtype.is_floating_point or dtype.is_complex:
+                out[name] = mean.to(dtype)
+            elif dtype == torch.bool:
+                out[name] = mean >= 0.5
+            else:
+                out[name] = mean.round_().to(dtype)
+        return out
+
+
+def weighted_mean(
+    items: Iterable[tuple[Mapping[str, torch.Tensor], float]],
+) -> dict[str, torch.Tensor]:
+    """The weighted mean of ``(state_dict, weight)`` pairs, read one pair at a time."""
+    mean = WeightedMean()
+    for weights, weight in items:
+        mean.add(weights, weight)
+    return mean.result()

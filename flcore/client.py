@@ -1,0 +1,133 @@
+"""A client: bytes in, bytes out. Every runtime runs this same code wherever clients live.
+
+The client loads its data once, keeps one model instance, and answers three requests:
+``train`` (score the received global model, train locally, send a contribution),
+``validate`` (test the models it is sent) and ``best_model`` (send its last local model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from flcore import codec
+from flcore.context import FLContext
+from flcore.contribution import Contribution
+from flcore.data import derive_seed, split_validation
+from flcore.defaults.evaluation import primary_metric
+from flcore.errors import CodecError
+
+REQUESTS = ("train", "validate", "best_model")
+
+
+def client_name(index: int) -> str:
+    """The name of the client at ``index`` (0-based) in a simulated federation."""
+    return f"client-{index}"
+
+
+class Client:
+    """One federation member, with its own context, data split and model."""
+
+    def __init__(self, job: Any, task: Any, chain: Any, index: int, log: Any) -> None:
+        self.index = index
+        self.name = client_name(index)
+        self.ctx = FLContext(
+            job=job,
+            task=task,
+            chain=chain,
+            log=log.bind(client=self.name),
+            side="client",
+            client_id=self.name,
+        )
+        data = task.client_data(index, job.job.clients)
+        seed = derive_seed(job.job.seed, "split", self.name)
+        self.train_data, self.val_data = split_validation(data, job.local.validation_split, seed)
+        self.model: torch.nn.Module = task.model()
+        self.ctx.model = self.model
+        self.last_weights: dict[str, torch.Tensor] | None = None
+
+    def handle(self, request: str, payload: bytes) -> bytes:
+        """Answer one request from the server; the reply is a codec payload."""
+        if request == "train":
+            return self.train(payload)
+        if request == "validate":
+            return self.validate(payload)
+        if request == "best_model":
+            return self.best_model()
+        raise CodecError(f"{self.name}: unknown request {request!r}")
+
+    def _receive(self, payload: bytes, what: str) -> dict[str, torch.Tensor]:
+        weights, meta = codec.decode(payload, what=f"{what} sent to {self.name}")
+        round_ = meta.get("round")
+        if not isinstance(round_, int):
+            raise CodecError(f"{what} sent to {self.name}: no round number")
+        self.ctx.round = round_
+        self.model.load_state_dict(weights)
+        return weights
+
+    def train(self, payload: bytes) -> bytes:
+        ctx = self.ctx
+        weights = self._receive(payload, "global model")
+        ctx.fire("receive_model", weights=weights)
+        initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
+        result = ctx.ask("local_train", model=self.model, data=self.train_data)
+        local = self.model.state_dict()
+        if not ctx.job.trainer.delete_local_models_after_aggregation:
+            # kept for send_best_model; cloned since validation reloads the model in place
+            self.last_weights = {k: v.detach().clone() for k, v in local.items()}
+        metrics = dict(result.get("metrics", {}))
+        metrics["initial_validation_metric"] = primary_metric(initial)
+        metrics["initial_validation"] = initial
+        return Contribution(
+            client_id=self.name,
+            round=ctx.round,
+            weights=local,
+            num_samples=int(result["num_samples"]),
+            local_iterations=int(result["local_iterations"]),
+            metrics=metrics,
+        ).encode()
+
+    def validate(self, payload: bytes) -> bytes:
+        ctx = self.ctx
+        weights = self._receive(payload, "model to validate")
+        models: dict[str, Any] = {"global": weights}
+        ctx.fire("receive_validation_models", models=models)
+        results: dict[str, dict[str, float]] = {}
+        for name, model_weights in models.items():
+            self.model.load_state_dict(model_weights)
+            results[name] = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
+        ctx.fire("send_validation_results", results=results)
+        return codec.encode(
+            {},
+            {
+                "kind": "validation",
+                "client_id": self.name,
+                "round": ctx.round,
+                "num_samples": len(self.val_data),
+                "results": results,
+            },
+        )
+
+    def best_model(self) -> bytes:
+        weights = self.last_weights if self.last_weights is not None else self.model.state_dict()
+        self.ctx.fire("send_best_model", weights=weights)
+        return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
+
+
+def read_validation(payload: bytes, sender: str) -> tuple[int, dict[str, dict[str, float]]]:
+    """Decode a client's validation results: ``(num_samples, model -> metric -> number)``."""
+    _, meta = codec.decode(payload, what=f"validation results from {sender}")
+    results, n = meta.get("results"), meta.get("num_samples")
+    if meta.get("kind") != "validation" or not isinstance(results, dict) or not isinstance(n, int):
+        raise CodecError(f"validation results from {sender}: malformed")
+    for model, metrics in results.items():
+        if not isinstance(metrics, dict):
+            raise CodecError(f"validation results from {sender}: {model!r} is not a mapping")
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise CodecError(f"validation results from {sender}: {model}.{key} not a number")
+            if not math.isfinite(value):
+                raise CodecError(f"validation results from {sender}: {model}.{key} not finite")
+    return n, results

@@ -1,0 +1,121 @@
+"""What a client sends back after a round, and the checks it passes before aggregation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from flcore import codec
+from flcore.errors import CodecError, ContributionRefused
+
+
+@attrs.frozen
+class Contribution:
+    """One client's result of one round: its weights and what it reports about them."""
+
+    client_id: str
+    round: int
+    weights: Mapping[str, torch.Tensor] = attrs.field(repr=False)
+    num_samples: int
+    local_iterations: int
+    metrics: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def evolve_without_weights(self) -> Contribution:
+        """The same contribution with its weights dropped (``delete_local_models_after_aggregation``)."""
+        return attrs.evolve(self, weights={})
+
+    def encode(self) -> bytes:
+        meta = {
+            "kind": "contribution",
+            "client_id": self.client_id,
+            "round": self.round,
+            "num_samples": self.num_samples,
+            "local_iterations": self.local_iterations,
+            "metrics": dict(self.metrics),
+        }
+        try:
+            return codec.encode(self.weights, meta)
+        except TypeError as err:
+            raise CodecError(f"contribution of {self.client_id}: metrics not JSON: {err}") from err
+
+    @classmethod
+    def decode(cls, payload: bytes, sender: str) -> Contribution:
+        """Decode a payload from ``sender``; any malformed field is a :class:`CodecError`."""
+        weights, meta = codec.decode(payload, what=f"contribution from {sender}")
+        if meta.get("kind") != "contribution":
+            raise CodecError(f"contribution from {sender}: payload is not a contribution")
+        fields = {
+            "client_id": str,
+            "round": int,
+            "num_samples": int,
+            "local_iterations": int,
+            "metrics": dict,
+        }
+        for name, kind in fields.items():
+            value = meta.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise CodecError(
+                    f"contribution from {sender}: field {name!r} must be {kind.__name__}, "
+                    f"got {value!r}"
+                )
+        return cls(
+            client_id=meta["client_id"],
+            round=meta["round"],
+            weights=weights,
+            num_samples=meta["num_samples"],
+            local_iterations=meta["local_iterations"],
+            metrics=meta["metrics"],
+        )
+
+
+def validate(
+    contribution: Contribution,
+    *,
+    reference: Mapping[str, torch.Tensor],
+    round: int,
+    clients: set[str] | frozenset[str],
+    received: set[str],
+) -> None:
+    """Raise :class:`ContributionRefused` with the reason when ``contribution`` may not count.
+
+    ``reference`` is the global model the round started from; ``received`` the clients
+    whose contribution this round was already accepted.
+    """
+    who = contribution.client_id
+    if who not in clients:
+        raise ContributionRefused(f"unknown client {who!r}")
+    if contribution.round != round:
+        late = "late" if contribution.round < round else "from the future"
+        raise ContributionRefused(
+            f"{who}: wrong round {contribution.round} ({late}; the current round is {round})"
+        )
+    if who in received:
+        raise ContributionRefused(f"{who}: duplicate contribution for round {round}")
+    if contribution.num_samples <= 0:
+        raise ContributionRefused(f"{who}: non-positive sample count {contribution.num_samples}")
+    if contribution.local_iterations < 0:
+        raise ContributionRefused(
+            f"{who}: negative local iteration count {contribution.local_iterations}"
+        )
+    missing = sorted(set(reference) - set(contribution.weights))
+    if missing:
+        raise ContributionRefused(f"{who}: missing tensors {missing[:5]}")
+    extra = sorted(set(contribution.weights) - set(reference))
+    if extra:
+        raise ContributionRefused(f"{who}: unexpected tensors {extra[:5]}")
+    for name, expected in reference.items():
+        got = contribution.weights[name]
+        if got.shape != expected.shape:
+            raise ContributionRefused(
+                f"{who}: tensor {name!r} has shape {tuple(got.shape)}, "
+                f"expected {tuple(expected.shape)}"
+            )
+        if got.dtype != expected.dtype:
+            raise ContributionRefused(
+                f"{who}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ContributionRefused(f"{who}: tensor {name!r} has NaN or infinite values")

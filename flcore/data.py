@@ -1,0 +1,63 @@
+"""Data plumbing for the defaults: seeds, a client's validation split, and batches."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Subset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from the job's seed and e.g. a round and a client: the same parts
+    give the same seed in any process, which is what makes runtimes interchangeable."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def split_validation(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Hold out ``fraction`` of ``data`` (a seeded random subset) as the client's validation split."""
+    n = len(data)
+    n_val = round(n * fraction) if n > 1 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train_index, val_index = order[n_val:].sort().values, order[:n_val].sort().values
+    tensors = as_tensors(data)
+    if tensors is not None:
+        return (
+            TensorDataset(*(t[train_index] for t in tensors)),
+            TensorDataset(*(t[val_index] for t in tensors)),
+        )
+    return Subset(data, train_index.tolist()), Subset(data, val_index.tolist())
+
+
+def as_tensors(data: Any) -> tuple[torch.Tensor, ...] | None:
+    """The dataset's tensors when it is a TensorDataset (or a Subset of one): then batches are
+    sliced out in one indexing operation instead of collated item by item."""
+    if isinstance(data, TensorDataset):
+        return tuple(data.tensors)
+    if isinstance(data, Subset) and isinstance(data.dataset, TensorDataset):
+        index = torch.as_tensor(list(data.indices), dtype=torch.long)
+        return tuple(t[index] for t in data.dataset.tensors)
+    return None
+
+
+def batches(
+    data: Any,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    tensors: tuple[torch.Tensor, ...] | None = None,
+) -> Iterator[Any]:
+    """Mini-batches of ``data``, shuffled by ``generator`` when given; ``tensors`` may carry
+    :func:`as_tensors` of ``data`` already computed."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    tensors = tensors if tensors is not None else as_tensors(data)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        if tensors is not None:
+            yield tuple(t[index] for t in tensors)
+        else:
+            yield default_collate([data[i] for i in index.tolist()])

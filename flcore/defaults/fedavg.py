@@ -1,0 +1,14 @@
+"""FedAvg, the core's ``aggregate``: the sample-weighted mean of the contributions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flcore.aggregation import weighted_mean
+from flcore.markers import hookimpl
+
+
+@hookimpl
+def aggregate(ctx: Any, contributions: Iterable[Any]) -> dict[str, Any]:
+    return weighted_mean((c.weights, c.num_samples) for c in contributions)

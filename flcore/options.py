@@ -1,0 +1,67 @@
+"""The core's own job sections, as attrs settings classes (``[job]``, ``[trainer]``, ``[local]``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import attrs
+
+
+def _at_least(minimum: float) -> Any:
+    def check(_instance: object, attribute: Any, value: float | None) -> None:
+        if value is not None and value < minimum:
+            raise ValueError(f"{attribute.name} must be at least {minimum}, got {value}")
+
+    return check
+
+
+@attrs.frozen
+class JobSettings:
+    """``[job]``: what to train, for how long, with how many clients."""
+
+    task: str
+    name: str = "flcore-job"
+    rounds: int = attrs.field(default=1, validator=_at_least(1))
+    clients: int = attrs.field(default=1, validator=_at_least(1))
+    min_clients: int | None = attrs.field(default=None, validator=_at_least(1))
+    seed: int = 0
+    runtime: str = "embedded"
+    #: What a failed round does: stop the run (keeping the last completed round) or try again.
+    on_error: Literal["abort", "retry"] = "abort"
+    max_retries: int = attrs.field(default=1, validator=_at_least(0))
+    #: Keep every round's global model in ``rounds/NNNN/global_model.safetensors``.
+    keep_round_models: bool = False
+
+    @property
+    def required_clients(self) -> int:
+        """How many accepted contributions a round needs (default: every client)."""
+        return self.clients if self.min_clients is None else self.min_clients
+
+
+@attrs.frozen
+class TrainerOptions:
+    """``[trainer]``: the DLR demonstrator's ``TrainerOptions``, with their meaning."""
+
+    #: Never ask the clients to test the global model.
+    skip_model_tests: bool = False
+    #: Test after every round; when false, only after the last one.
+    model_test_after_each_round: bool = True
+    #: Drop the clients' models once aggregated; when false they are kept in the run directory.
+    delete_local_models_after_aggregation: bool = True
+
+
+@attrs.frozen
+class LocalSettings:
+    """``[local]``: the default local training on each client."""
+
+    epochs: int = attrs.field(default=1, validator=_at_least(1))
+    batch_size: int = attrs.field(default=32, validator=_at_least(1))
+    lr: float = attrs.field(default=0.01, validator=_at_least(0.0))
+    momentum: float = attrs.field(default=0.0, validator=_at_least(0.0))
+    weight_decay: float = attrs.field(default=0.0, validator=_at_least(0.0))
+    #: Fraction of each client's data held out to score received models (never trained on).
+    validation_split: float = attrs.field(default=0.2, validator=_at_least(0.0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.validation_split >= 1.0:
+            raise ValueError(f"validation_split must be below 1, got {self.validation_split}")

@@ -1,0 +1,99 @@
+"""``flcore run`` as a function: load the chain and the task, check, train, write the run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from flcore.chain import Chain
+from flcore.errors import FLCoreError
+from flcore.job import Job
+from flcore.logging import close_logger, make_logger
+from flcore.task import load_task
+from flcore.training import GLOBAL_MODEL, Training
+
+
+@attrs.frozen
+class RunResult:
+    """What a finished run leaves: its directory, the metrics of every round."""
+
+    run_dir: Path
+    history: list[dict[str, Any]]
+
+    @property
+    def final_metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def global_model_path(self) -> Path:
+        return self.run_dir / GLOBAL_MODEL
+
+
+def prepare(job: Job, extra_plugins: Mapping[str, Any] | None = None, log: Any = None) -> Training:
+    """Everything before training: plugins, settings, task, the chain's checks.
+    Raises a :class:`FLCoreError` naming the problem; writes nothing."""
+    chain = Chain.for_job(job, extra_plugins)
+    task = load_task(job)
+    training = Training(job, chain, task, None, log or make_logger(None))
+    training.check()
+    return training
+
+
+def new_run_dir(job: Job, out: str | Path | None) -> Path:
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise FLCoreError(f"--out {str(path)!r} exists and is not empty")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / f"{job.job.name}-{stamp}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path("runs") / f"{job.job.name}-{stamp}-{suffix}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def run_job(
+    job: Job,
+    out: str | Path | None = None,
+    extra_plugins: Mapping[str, Any] | None = None,
+    console: Literal["console", "json", "quiet"] = "quiet",
+    console_level: str = "warning",
+) -> RunResult:
+    """Run ``job`` to the end. ``extra_plugins`` adds plugins by name without installing them.
+
+    Raises :class:`flcore.training.RunFailed` when a round fails under the ``abort`` policy,
+    after the run directory holds the last completed round.
+    """
+    training = prepare(job, extra_plugins, make_logger(None, console_level="critical"))
+    run_dir = new_run_dir(job, out)
+    log = make_logger(
+        run_dir / "events.jsonl",
+        console_format="json" if console == "json" else "console",
+        console_level="info" if console == "json" else console_level,
+    )
+    try:
+        (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
+        training.run_dir = run_dir
+        training.id = str(run_dir)
+        training.ctx.run_dir = run_dir
+        training.ctx.log = log.bind(job=job.job.name)
+        training.ctx.console = console
+        training.run()
+        result = RunResult(run_dir, training.history)
+        summary = {
+            "run_dir": str(run_dir),
+            "rounds": training.completed_round,
+            "final": result.final_metrics,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return result
+    finally:
+        close_logger(log)

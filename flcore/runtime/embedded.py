@@ -1,0 +1,41 @@
+"""The embedded runtime: every client in this process, one after another, no server to start.
+
+Requests and replies still cross as codec bytes, so an in-process run goes through the
+same validation as a networked one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from flcore.client import Client
+from flcore.context import FLContext
+from flcore.errors import FLCoreError
+from flcore.runtime.base import ClientResult, Runtime
+
+
+class EmbeddedRuntime(Runtime):
+    def __init__(self) -> None:
+        self.clients: dict[str, Client] = {}
+
+    def start(self, ctx: FLContext) -> list[str]:
+        for index in range(ctx.job.job.clients):
+            client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log)
+            self.clients[client.name] = client
+        return list(self.clients)
+
+    def run(
+        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+    ) -> Iterator[ClientResult]:
+        for name in clients:
+            try:
+                reply = self.clients[name].handle(request, payload)
+            except FLCoreError as err:
+                yield ClientResult(name, error=str(err))
+            except Exception as err:  # the user's code on a client may fail in any way
+                yield ClientResult(name, error=f"{type(err).__name__}: {err}")
+            else:
+                yield ClientResult(name, payload=reply)
+
+    def stop(self, ctx: FLContext) -> None:
+        self.clients.clear()

@@ -1,0 +1,202 @@
+"""One training run: its context, runtime, run directory, event queue and error policy."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from flcore import codec
+from flcore.chain import Chain
+from flcore.context import FLContext
+from flcore.errors import CodecError, FLCoreError, JobError, RoundFailed
+from flcore.job import Job
+from flcore.task import Task
+
+GLOBAL_MODEL = "global_model.safetensors"
+CHECKPOINT = "checkpoint.json"
+METRICS = "metrics.jsonl"
+
+
+class RunFailed(FLCoreError):
+    """The run stopped; the message says why and what was kept."""
+
+
+class Training:
+    """Everything one run needs; :func:`flcore.trainer.process_trainer_task` finds it by id."""
+
+    registry: ClassVar[dict[str, Training]] = {}
+
+    def __init__(self, job: Job, chain: Chain, task: Task, run_dir: Path | None, log: Any) -> None:
+        self.id = str(run_dir) if run_dir is not None else uuid.uuid4().hex
+        self.job = job
+        self.options = job.trainer
+        self.run_dir = run_dir
+        self.ctx = FLContext(
+            job=job, task=task, chain=chain, log=log, run_dir=run_dir, training=self
+        )
+        self.queue: deque[Any] = deque()
+        self.clients: list[str] = []
+        self.round_started = 0.0
+        self.completed_round = 0
+        self.finished = False
+        self.history: list[dict[str, Any]] = []
+        self.runtime: Any = None
+
+    @classmethod
+    def get(cls, training_id: str) -> Training:
+        try:
+            return cls.registry[training_id]
+        except KeyError:
+            raise FLCoreError(f"no training {training_id!r} in this process") from None
+
+    def dispatch(self, event_cls: Any) -> None:
+        self.queue.append(event_cls)
+
+    # -- the run ----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Every check that needs no training: the chain's ``check_job`` and the runtime."""
+        self.ctx.fire("check_job")
+        if self.ctx.ask("get_runtime") is None:
+            raise JobError(
+                f"{self.job.where('job')}.runtime: no plugin provides runtime "
+                f"{self.job.job.runtime!r} (the core provides 'embedded')"
+            )
+
+    def initial_model(self) -> dict[str, torch.Tensor]:
+        torch.manual_seed(self.job.job.seed)
+        model = self.ctx.task.model()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def run(self) -> None:
+        """Run every round; raise :class:`RunFailed` when the error policy stops the run."""
+        from flcore.trainer import ModelTrainer, process_trainer_task
+
+        ctx = self.ctx
+        self.registry[self.id] = self
+        started = False
+        try:
+            ctx.global_model = self.initial_model()
+            self.runtime = ctx.ask("get_runtime")
+            self._guard(lambda: ctx.fire("startup"), "startup")
+            started = True
+            self.clients = self.runtime.start(ctx)
+            for client in self.clients:
+                self._guard(lambda c=client: ctx.fire("client_register", client_id=c), "startup")
+            trainer = ModelTrainer(self, self.options)
+            self._guard(trainer.start, "round")
+            while self.queue:
+                event = self.queue.popleft()
+                self._guard(lambda e=event: process_trainer_task(self.id, e), "round")
+        finally:
+            self.queue.clear()
+            try:
+                if started:
+                    for client in self.clients:
+                        self._quietly(lambda c=client: ctx.fire("client_quit", client_id=c))
+                    self._quietly(lambda: ctx.fire("shutdown"))
+            finally:
+                if self.runtime is not None:
+                    self.runtime.stop(ctx)
+                self.registry.pop(self.id, None)
+
+    def _guard(self, step: Any, stage: str, retries: int = 0) -> None:
+        try:
+            step()
+        except RoundFailed as err:
+            ctx = self.ctx
+            failed_round = ctx.round
+            self.queue.clear()
+            if stage == "round":
+                ctx.restore_snapshot()
+            ctx.log.error("round_failed", round=failed_round, error=str(err))
+            policy = self.job.job
+            if stage == "round" and policy.on_error == "retry" and retries < policy.max_retries:
+                from flcore.trainer import ModelTrainer
+
+                ctx.log.warning("round_retry", round=failed_round, attempt=retries + 1)
+                self._guard(ModelTrainer(self, self.options).start_round, stage, retries + 1)
+                return
+            raise RunFailed(self.failure_message(err, failed_round)) from err
+
+    def _quietly(self, step: Any) -> None:
+        try:
+            step()
+        except RoundFailed as err:
+            self.ctx.log.error("shutdown_failed", error=str(err))
+
+    def failure_message(self, err: Exception, failed_round: int) -> str:
+        kept = (
+            f"The last completed round ({self.completed_round}) is kept"
+            + (f" in {self.run_dir}" if self.run_dir else "")
+            + f" ({GLOBAL_MODEL}, {CHECKPOINT})."
+            if self.completed_round
+            else "No round had completed; nothing was saved but the job and the event log."
+        )
+        action = (
+            "rolled back and the run stopped"
+            if self.job.job.on_error == "abort"
+            else (f"rolled back and retried {self.job.job.max_retries} time(s) without success")
+        )
+        return f"Round {failed_round} failed: {err}. The round was {action}. {kept}"
+
+    def validate_on_clients(self, weights: Any) -> dict[str, dict[str, float]]:
+        """Have every client test ``weights`` on its held-out split: client id -> metrics,
+        with ``num_samples``. A client that fails or answers badly is logged and left out."""
+        from flcore.client import read_validation
+
+        ctx = self.ctx
+        payload = codec.encode(weights, {"kind": "validate", "round": ctx.round})
+        tests: dict[str, dict[str, float]] = {}
+        for result in self.runtime.run(ctx, "validate", payload, self.clients):
+            try:
+                if result.payload is None:
+                    raise CodecError(f"client failed: {result.error}")
+                n, results = read_validation(result.payload, result.client_id)
+            except CodecError as err:
+                ctx.log.warning("test_result_refused", client=result.client_id, reason=str(err))
+                continue
+            tests[result.client_id] = {**results.get("global", {}), "num_samples": n}
+        return tests
+
+    # -- the run directory ------------------------------------------------------------
+
+    def commit_round(self) -> None:
+        """The round is complete: write its metrics line, the global model and the checkpoint."""
+        ctx = self.ctx
+        self.completed_round = ctx.round
+        ctx.snapshot_ = None  # a committed round is never rolled back
+        line = dict(ctx.metrics)
+        self.history.append(line)
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, default=str) + "\n")
+        meta = {"round": ctx.round, "job": self.job.job.name}
+        codec.save_file(self.run_dir / GLOBAL_MODEL, ctx.global_model, meta)
+        if self.job.job.keep_round_models:
+            codec.save_file(
+                self.run_dir / "rounds" / f"{ctx.round:04d}" / GLOBAL_MODEL, ctx.global_model, meta
+            )
+        checkpoint = {
+            "round": ctx.round,
+            "rounds": self.job.job.rounds,
+            "global_model": GLOBAL_MODEL,
+            "time": time.time(),
+        }
+        codec.write_atomic(self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode())
+
+    def save_local_model(self, round: int | None, client: str, weights: Any) -> None:
+        """Keep a client's model (``delete_local_models_after_aggregation = false``)."""
+        if self.run_dir is None:
+            return
+        folder = self.run_dir / "rounds" / f"{round:04d}" if round else self.run_dir / "best_local"
+        codec.save_file(
+            folder / f"{client}.safetensors", weights, {"round": round, "client_id": client}
+        )
