@@ -2,7 +2,8 @@
 
 The client loads its data once, keeps one model instance, and answers three requests:
 ``train`` (score the received global model, train locally, send a contribution),
-``validate`` (test the models it is sent) and ``best_model`` (send its last local model).
+``validate`` (test the models it is sent) and ``best_model`` (send its last local model);
+plugins answer other requests through the ``client_request`` hook.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from flcore.contribution import Contribution
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
 from flcore.errors import CodecError
-
-REQUESTS = ("train", "validate", "best_model")
-
 
 def client_name(index: int) -> str:
     """The name of the client at ``index`` (0-based) in a simulated federation."""
@@ -46,6 +44,7 @@ class Client:
         self.train_data, self.val_data = split_validation(data, job.local.validation_split, seed)
         self.model: torch.nn.Module = task.model()
         self.ctx.model = self.model
+        self.ctx.client = self
         self.last_weights: dict[str, torch.Tensor] | None = None
 
     def handle(self, request: str, payload: bytes) -> bytes:
@@ -56,9 +55,13 @@ class Client:
             return self.validate(payload)
         if request == "best_model":
             return self.best_model()
-        raise CodecError(f"{self.name}: unknown request {request!r}")
+        answer = self.ctx.ask("client_request", request=request, payload=payload)
+        if answer is None:
+            raise CodecError(f"{self.name}: no plugin answers request {request!r}")
+        return bytes(answer)
 
-    def _receive(self, payload: bytes, what: str) -> dict[str, torch.Tensor]:
+    def receive(self, payload: bytes, what: str) -> dict[str, torch.Tensor]:
+        """Decode a model sent by the server, load it into ``self.model``, set the round."""
         weights, meta = codec.decode(payload, what=f"{what} sent to {self.name}")
         round_ = meta.get("round")
         if not isinstance(round_, int):
@@ -69,7 +72,7 @@ class Client:
 
     def train(self, payload: bytes) -> bytes:
         ctx = self.ctx
-        weights = self._receive(payload, "global model")
+        weights = self.receive(payload, "global model")
         ctx.fire("receive_model", weights=weights)
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
@@ -91,7 +94,7 @@ class Client:
 
     def validate(self, payload: bytes) -> bytes:
         ctx = self.ctx
-        weights = self._receive(payload, "model to validate")
+        weights = self.receive(payload, "model to validate")
         models: dict[str, Any] = {"global": weights}
         ctx.fire("receive_validation_models", models=models)
         results: dict[str, dict[str, float]] = {}

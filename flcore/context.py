@@ -55,6 +55,9 @@ class FLContext:
     console: Literal["console", "json", "quiet"] = "quiet"
     #: The client's torch model (client side only).
     model: Any = None
+    #: The :class:`flcore.client.Client` (client side only): its ``train_data``,
+    #: ``val_data`` and ``receive(payload, what)`` serve plugins' own client requests.
+    client: Any = attrs.field(default=None, repr=False)
     #: The server's :class:`flcore.training.Training` (server side only): plugins may ask it
     #: for more client work, e.g. ``ctx.training.validate_on_clients(weights)``.
     training: Any = attrs.field(default=None, repr=False)

@@ -247,6 +247,17 @@ def local_train(ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, 
 
 
 @hookspec(firstresult=True)
+def client_request(ctx: FLContext, request: str, payload: bytes) -> bytes | None:
+    """Answer a request the core's client does not know (a plugin's own round).
+
+    Side: client. The core's client answers ``train``, ``validate`` and ``best_model``;
+    a trainer subclass may send other requests through the runtime (the swag plugin's
+    collection round) and a plugin answers them here with a codec payload. ``None``
+    means "not mine"; an unanswered request fails that client with a clear error.
+    """
+
+
+@hookspec(firstresult=True)
 def evaluate(ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, float] | None:
     """Score ``model`` on ``data`` (a Dataset); return metric name -> number.
 

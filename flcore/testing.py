@@ -1,0 +1,110 @@
+"""Helpers for testing flcore and its plugins: separate environments and recording plugins.
+
+A plugin's tests can check what a user would see after ``pip install`` by building an
+environment that shares this interpreter's packages (torch is not installed twice) minus
+the distributions it must not see, plus the ones it installs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flcore.markers import hookimpl
+
+
+def _normalized(distribution: str) -> str:
+    return distribution.replace("-", "_").replace(".", "_").lower()
+
+
+def _belongs_to(entry: str, distributions: Iterable[str]) -> bool:
+    name = entry.lower()
+    for dist in map(_normalized, distributions):
+        if (
+            name == dist
+            or name.startswith(f"{dist}-")
+            or name.startswith(f"__editable__.{dist}-")
+            or name.startswith(f"__editable___{dist}_")
+        ):
+            return True
+    return False
+
+
+def isolated_python(
+    dest: Path, exclude: Iterable[str] = (), install: Iterable[Path] = ()
+) -> Path:
+    """Create an environment at ``dest`` and return its ``python``.
+
+    It sees this interpreter's site-packages entry by entry (symlinks), except those of the
+    distributions in ``exclude``; each path in ``install`` is then pip-installed into it
+    (no dependencies, no build isolation: it works offline).
+    """
+    exclude = list(exclude)
+    venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(dest)
+    python = dest / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+    )
+    ours = Path(sysconfig.get_paths()["purelib"])
+    for entry in ours.iterdir():
+        if entry.name == "__pycache__" or _belongs_to(entry.name, exclude):
+            continue
+        target = site / entry.name
+        if not target.exists():
+            target.symlink_to(entry)
+    for path in install:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+             "--no-deps", "--no-build-isolation", "--no-index", str(path)],
+            check=True,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        )
+    return python
+
+
+class RecordingPlugin:
+    """Records every hook it sees as ``(plugin name, hook)`` in a shared list: order tests."""
+
+    def __init__(self, name: str, calls: list[tuple[str, str]]) -> None:
+        self.name = name
+        self.calls = calls
+
+    def _record(self, hook: str) -> None:
+        self.calls.append((self.name, hook))
+
+    @hookimpl
+    def startup(self, ctx: Any) -> None:
+        self._record("startup")
+
+    @hookimpl
+    def start_round(self, ctx: Any) -> None:
+        self._record("start_round")
+
+    @hookimpl
+    def before_aggregation(self, ctx: Any) -> None:
+        self._record("before_aggregation")
+
+    @hookimpl
+    def after_aggregation(self, ctx: Any) -> None:
+        self._record("after_aggregation")
+
+    @hookimpl
+    def end_round(self, ctx: Any) -> None:
+        self._record("end_round")
+
+    @hookimpl
+    def rollback(self, ctx: Any) -> None:
+        self._record("rollback")
+
+    @hookimpl
+    def shutdown(self, ctx: Any) -> None:
+        self._record("shutdown")
