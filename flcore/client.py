@@ -20,6 +20,7 @@ from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
 from flcore.errors import CodecError
 
+
 def client_name(index: int) -> str:
     """The name of the client at ``index`` (0-based) in a simulated federation."""
     return f"client-{index}"
