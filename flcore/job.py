@@ -29,6 +29,8 @@ class Job:
     plugin_sections: Mapping[str, Mapping[str, Any]]
     task_section: Mapping[str, Any]
     raw: Mapping[str, Any]
+    #: Things worth telling the user that do not stop the job.
+    warnings: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path, overrides: Iterable[str] = ()) -> Job:
@@ -67,13 +69,14 @@ class Job:
             raise JobError(f"{source}: [plugins].chain must be a list of plugin names")
         if len(set(chain)) != len(chain):
             raise JobError(f"{source}: [plugins].chain names a plugin twice: {chain}")
+        warnings = []
         for name, section in plugins.items():
             if not isinstance(section, dict):
                 raise JobError(f"{source}: [plugins].{name} must be a table [plugins.{name}]")
             if name not in chain:
-                raise JobError(
-                    f"{source}: [plugins.{name}] configures a plugin that is not in the chain "
-                    f"{chain}"
+                # kept so that a chain can be shortened with --set without editing the file
+                warnings.append(
+                    f"{source}: [plugins.{name}] is ignored: {name!r} is not in the chain {chain}"
                 )
         job = build_settings(JobSettings, data.get("job", {}), f"{source}: [job]")
         if job.min_clients is not None and job.min_clients > job.clients:
@@ -86,9 +89,10 @@ class Job:
             trainer=build_settings(TrainerOptions, data.get("trainer", {}), f"{source}: [trainer]"),
             local=build_settings(LocalSettings, data.get("local", {}), f"{source}: [local]"),
             chain=tuple(chain),
-            plugin_sections={n: dict(s) for n, s in plugins.items()},
+            plugin_sections={n: dict(s) for n, s in plugins.items() if n in chain},
             task_section=dict(data.get("task", {})),
             raw=data,
+            warnings=tuple(warnings),
         )
 
     def where(self, section: str) -> str:

@@ -80,6 +80,8 @@ def run_job(
         console_level="info" if console == "json" else console_level,
     )
     try:
+        for warning in job.warnings:
+            log.warning("job_warning", message=warning)
         (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
         training.run_dir = run_dir
         training.id = str(run_dir)

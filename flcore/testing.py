@@ -36,9 +36,7 @@ def _belongs_to(entry: str, distributions: Iterable[str]) -> bool:
     return False
 
 
-def isolated_python(
-    dest: Path, exclude: Iterable[str] = (), install: Iterable[Path] = ()
-) -> Path:
+def isolated_python(dest: Path, exclude: Iterable[str] = (), install: Iterable[Path] = ()) -> Path:
     """Create an environment at ``dest`` and return its ``python``.
 
     It sees this interpreter's site-packages entry by entry (symlinks), except those of the
@@ -63,8 +61,19 @@ def isolated_python(
             target.symlink_to(entry)
     for path in install:
         subprocess.run(
-            [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-             "--no-deps", "--no-build-isolation", "--no-index", str(path)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(python),
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                str(path),
+            ],
             check=True,
             env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         )

@@ -146,12 +146,12 @@ class ModelTrainer:
         payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": ctx.round})
         clients = self.training.clients
         received: set[str] = set()
-        refused = {}
+        refused: list[str] = []
         for result in self.runtime.run(ctx, "train", payload, clients):
             try:
                 contribution = self.accept(result, received)
             except (ContributionRefused, CodecError) as err:
-                refused[result.client_id] = str(err)
+                refused.append(str(err))
                 ctx.log.warning(
                     "contribution_refused",
                     client=result.client_id,
@@ -195,7 +195,7 @@ class ModelTrainer:
             raise RoundFailed(
                 f"round {ctx.round}: {len(ctx.contributions)} of {len(self.training.clients)} "
                 f"contributions accepted, {needed} needed ([job] min_clients); "
-                f"refused: {ctx.metrics.get('refused', {})}"
+                f"refused: {ctx.metrics.get('refused', [])}"
             )
         ctx.fire("before_aggregation")
         new = ctx.ask("aggregate", contributions=list(ctx.contributions))

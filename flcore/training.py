@@ -63,7 +63,8 @@ class Training:
     def check(self) -> None:
         """Every check that needs no training: the chain's ``check_job`` and the runtime."""
         self.ctx.fire("check_job")
-        if self.ctx.ask("get_runtime") is None:
+        self.runtime = self.ctx.ask("get_runtime")
+        if self.runtime is None:
             raise JobError(
                 f"{self.job.where('job')}.runtime: no plugin provides runtime "
                 f"{self.job.job.runtime!r} (the core provides 'embedded')"
@@ -83,7 +84,8 @@ class Training:
         started = False
         try:
             ctx.global_model = self.initial_model()
-            self.runtime = ctx.ask("get_runtime")
+            if self.runtime is None:
+                self.check()
             self._guard(lambda: ctx.fire("startup"), "startup")
             started = True
             self.clients = self.runtime.start(ctx)

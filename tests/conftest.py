@@ -1,0 +1,41 @@
+"""Fixtures shared by the core's tests: small, fast digits jobs and run helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flcore.job import Job
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # examples.digits is importable as in a run from the root
+
+
+def small_job(chain: list[str] | None = None, **sections: dict[str, Any]) -> Job:
+    """A digits job small enough for a unit test: 3 clients, 2 rounds, a narrow MLP."""
+    data: dict[str, Any] = {
+        "job": {"name": "small", "task": "examples.digits", "rounds": 2, "clients": 3, "seed": 0},
+        "task": {"hidden": 16},
+        "local": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+        "plugins": {"chain": chain or []},
+    }
+    for section, values in sections.items():
+        if section.startswith("plugins."):
+            data["plugins"][section.split(".", 1)[1]] = values
+        else:
+            data.setdefault(section, {}).update(values)
+    return Job.from_dict(data, source="small.toml")
+
+
+@pytest.fixture
+def job_factory():
+    return small_job
+
+
+@pytest.fixture(autouse=True)
+def _run_from_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)

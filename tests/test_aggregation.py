@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flcore.aggregation import WeightedMean, weighted_mean
+
+
+def test_weighted_mean_matches_a_hand_computation() -> None:
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(10)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(21)}
+    got = weighted_mean([(a, 1.0), (b, 2.0)])
+    assert torch.equal(got["w"], torch.tensor([3.0, 6.0]))
+    assert got["n"].dtype == torch.int64 and int(got["n"]) == round((10 + 42) / 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_mean_is_exact_for_every_floating_dtype(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1000, generator=gen).to(dtype) for _ in range(7)]
+    counts = [3, 1, 4, 1, 5, 9, 2]
+    got = weighted_mean(({"x": t}, c) for t, c in zip(tensors, counts, strict=True))["x"]
+    exact = sum(t.double() * c for t, c in zip(tensors, counts, strict=True)) / sum(counts)
+    assert got.dtype == dtype
+    assert torch.equal(got, exact.to(dtype))  # correctly rounded from the float64 mean
+
+
+def test_identical_models_average_to_themselves_bit_for_bit() -> None:
+    t = torch.randn(100)
+    got = weighted_mean([({"x": t}, 3.0), ({"x": t.clone()}, 7.0), ({"x": t.clone()}, 11.0)])
+    assert torch.equal(got["x"], t)
+
+
+def test_boolean_buffers_take_the_weighted_majority() -> None:
+    got = weighted_mean(
+        [({"m": torch.tensor([True, False])}, 3.0), ({"m": torch.tensor([False, False])}, 1.0)]
+    )
+    assert got["m"].tolist() == [True, False]
+
+
+def test_inputs_are_not_modified_and_one_accumulator_is_kept() -> None:
+    a = {"x": torch.ones(3)}
+    mean = WeightedMean()
+    mean.add(a, 2.0)
+    mean.add({"x": torch.zeros(3)}, 2.0)
+    assert torch.equal(a["x"], torch.ones(3))
+    assert mean.count == 2 and mean.total_weight == 4.0
+    assert torch.equal(mean.result()["x"], torch.full((3,), 0.5))
+
+
+def test_bad_input_is_refused() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        weighted_mean([({"x": torch.ones(1)}, 0.0)])
+    with pytest.raises(ValueError, match="of nothing"):
+        weighted_mean([])
+    with pytest.raises(ValueError, match="same names"):
+        weighted_mean([({"x": torch.ones(1)}, 1.0), ({"y": torch.ones(1)}, 1.0)])

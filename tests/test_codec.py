@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flcore import codec
+from flcore.errors import CodecError
+
+
+def model_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return dict(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).state_dict())
+
+
+def test_round_trip_keeps_names_values_dtypes_and_metadata() -> None:
+    weights = model_weights()
+    got, meta = codec.decode(codec.encode(weights, {"round": 3, "m": {"a": [1, 2]}}))
+    assert meta == {"round": 3, "m": {"a": [1, 2]}}
+    assert set(got) == set(weights)
+    for name, tensor in weights.items():
+        assert got[name].dtype == tensor.dtype
+        assert torch.equal(got[name], tensor)
+
+
+def test_tied_and_non_contiguous_tensors_are_written() -> None:
+    base = torch.arange(6.0).reshape(2, 3)
+    got, _ = codec.decode(codec.encode({"a": base, "b": base, "t": base.t()}))
+    assert torch.equal(got["a"], base) and torch.equal(got["b"], base)
+    assert torch.equal(got["t"], base.t())
+
+
+def test_nan_metadata_survives_so_that_plugins_can_judge_it() -> None:
+    _, meta = codec.decode(codec.encode({}, {"metric": float("nan")}))
+    assert meta["metric"] != meta["metric"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "truncated (0 bytes"),
+        (b"\x05\x00", "truncated (2 bytes"),
+        ((10_000).to_bytes(8, "little") + b"{}", "header says 10000 bytes, 2 follow"),
+        ((4).to_bytes(8, "little") + b"{{{{", "malformed header"),
+        ((2).to_bytes(8, "little") + b"[]", "not a JSON object"),
+    ],
+)
+def test_malformed_payloads_are_clear_errors(payload: bytes, message: str) -> None:
+    with pytest.raises(CodecError, match="payload: .*" + message.replace("(", r"\(")):
+        codec.decode(payload)
+
+
+def test_a_truncated_payload_is_refused() -> None:
+    payload = codec.encode(model_weights())
+    for cut in (len(payload) - 1, len(payload) // 2, 9):
+        with pytest.raises(CodecError, match="truncated|malformed"):
+            codec.decode(payload[:cut], what="global model")
+
+
+def test_bad_metadata_is_refused() -> None:
+    from safetensors.torch import save
+
+    payload = save({"w": torch.zeros(2)}, metadata={"flcore": "{not json"})
+    with pytest.raises(CodecError, match="malformed metadata"):
+        codec.decode(payload)
+    payload = save({"w": torch.zeros(2)}, metadata={"flcore": "[1]"})
+    with pytest.raises(CodecError, match="not a JSON object"):
+        codec.decode(payload)
+
+
+def test_a_pickle_is_not_a_payload() -> None:
+    import pickle
+
+    with pytest.raises(CodecError):
+        codec.decode(pickle.dumps({"w": [1, 2, 3]}))
+
+
+def test_non_bytes_are_refused() -> None:
+    with pytest.raises(CodecError, match="expected bytes, got str"):
+        codec.decode("abc")  # type: ignore[arg-type]
+
+
+def test_files_are_written_atomically_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "model.safetensors"
+    codec.save_file(path, model_weights(), {"round": 1})
+    codec.save_file(path, model_weights(), {"round": 2})
+    _, meta = codec.load_file(path)
+    assert meta == {"round": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp files left
+
+
+def test_a_truncated_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    codec.save_file(path, model_weights())
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CodecError, match=f"{path}: .*truncated"):
+        codec.load_file(path)
+    with pytest.raises(CodecError, match="cannot read"):
+        codec.load_file(tmp_path / "missing.safetensors")
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    codec.save_file(path, model_weights(), {"round": 1})
+    with pytest.raises(TypeError):
+        codec.save_file(path, model_weights(), {"round": object()})
+    assert codec.load_file(path)[1] == {"round": 1}
+    assert json.loads(json.dumps(codec.load_file(path)[1])) == {"round": 1}

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flcore.contribution import Contribution, validate
+from flcore.errors import CodecError, ContributionRefused
+
+REFERENCE = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.tensor(0)}
+
+
+def contribution(**changes) -> Contribution:
+    fields = {
+        "client_id": "client-0",
+        "round": 2,
+        "weights": {k: v.clone() for k, v in REFERENCE.items()},
+        "num_samples": 10,
+        "local_iterations": 3,
+        "metrics": {"initial_validation_metric": 0.5},
+    }
+    fields.update(changes)
+    return Contribution(**fields)
+
+
+def check(c: Contribution, received: set[str] | None = None) -> None:
+    validate(
+        c,
+        reference=REFERENCE,
+        round=2,
+        clients={"client-0", "client-1"},
+        received=received or set(),
+    )
+
+
+def test_a_good_contribution_round_trips_and_passes() -> None:
+    c = contribution()
+    again = Contribution.decode(c.encode(), sender="client-0")
+    assert again.client_id == "client-0" and again.round == 2
+    assert again.num_samples == 10 and again.local_iterations == 3
+    assert again.metrics == {"initial_validation_metric": 0.5}
+    assert all(torch.equal(again.weights[k], v) for k, v in REFERENCE.items())
+    check(again)
+
+
+def nan_weights() -> dict:
+    w = {k: v.clone() for k, v in REFERENCE.items()}
+    w["w"][0, 1] = float("nan")
+    return w
+
+
+def inf_weights() -> dict:
+    w = {k: v.clone() for k, v in REFERENCE.items()}
+    w["b"][2] = float("inf")
+    return w
+
+
+@pytest.mark.parametrize(
+    ("changes", "received", "reason"),
+    [
+        ({"client_id": "mallory"}, set(), "unknown client 'mallory'"),
+        ({"round": 1}, set(), "client-0: wrong round 1 (late; the current round is 2)"),
+        ({"round": 3}, set(), "wrong round 3 (from the future"),
+        ({}, {"client-0"}, "client-0: duplicate contribution for round 2"),
+        ({"num_samples": 0}, set(), "non-positive sample count 0"),
+        ({"num_samples": -5}, set(), "non-positive sample count -5"),
+        ({"local_iterations": -1}, set(), "negative local iteration count"),
+        (
+            {"weights": {"w": torch.zeros(2, 3), "n": torch.tensor(0)}},
+            set(),
+            "missing tensors ['b']",
+        ),
+        ({"weights": {**REFERENCE, "x": torch.zeros(1)}}, set(), "unexpected tensors ['x']"),
+        (
+            {"weights": {**REFERENCE, "w": torch.zeros(3, 2)}},
+            set(),
+            "tensor 'w' has shape (3, 2), expected (2, 3)",
+        ),
+        (
+            {"weights": {**REFERENCE, "b": torch.zeros(3, dtype=torch.float64)}},
+            set(),
+            "tensor 'b' has dtype torch.float64, expected torch.float32",
+        ),
+        ({"weights": nan_weights()}, set(), "tensor 'w' has NaN or infinite values"),
+        ({"weights": inf_weights()}, set(), "tensor 'b' has NaN or infinite values"),
+    ],
+)
+def test_each_bad_contribution_is_refused_with_its_reason(changes, received, reason) -> None:
+    with pytest.raises(ContributionRefused) as err:
+        check(contribution(**changes), received)
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("meta_change", "message"),
+    [
+        ({"kind": "global_model"}, "payload is not a contribution"),
+        ({"num_samples": "10"}, "field 'num_samples' must be int, got '10'"),
+        ({"round": True}, "field 'round' must be int"),
+        ({"metrics": [1]}, "field 'metrics' must be dict"),
+        ({"client_id": None}, "field 'client_id' must be str"),
+    ],
+)
+def test_malformed_contribution_fields_are_codec_errors(meta_change, message) -> None:
+    from flcore import codec
+
+    meta = {
+        "kind": "contribution",
+        "client_id": "client-0",
+        "round": 2,
+        "num_samples": 10,
+        "local_iterations": 1,
+        "metrics": {},
+    }
+    meta.update(meta_change)
+    with pytest.raises(CodecError, match="contribution from client-0: " + message):
+        Contribution.decode(codec.encode(REFERENCE, meta), sender="client-0")
+
+
+def test_unserializable_metrics_are_an_error_on_the_client() -> None:
+    with pytest.raises(CodecError, match="metrics not JSON"):
+        contribution(metrics={"x": object()}).encode()
+
+
+def test_dropping_weights_keeps_everything_else() -> None:
+    c = contribution().evolve_without_weights()
+    assert c.weights == {} and c.num_samples == 10 and c.metrics
