@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy flcore examples $(PLUGINS)
+	$(BIN)/mypy flcore examples $(foreach p,$(PLUGINS),$(wildcard $(p)/flcore_*))
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest tests $(addsuffix /tests,$(PLUGINS))

@@ -188,7 +188,7 @@ def test_a_plugin_whose_constructor_raises_is_named() -> None:
 
 
 def test_core_defaults_cannot_be_named_in_the_chain() -> None:
-    with pytest.raises(JobError, match="'core.fedavg' is a core default"):
+    with pytest.raises(JobError, match=r"'core\.fedavg' is a core default"):
         Chain.for_job(small_job(["core.fedavg"]))
 
 

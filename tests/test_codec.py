@@ -55,7 +55,7 @@ def test_malformed_payloads_are_clear_errors(payload: bytes, message: str) -> No
 def test_a_truncated_payload_is_refused() -> None:
     payload = codec.encode(model_weights())
     for cut in (len(payload) - 1, len(payload) // 2, 9):
-        with pytest.raises(CodecError, match="truncated|malformed"):
+        with pytest.raises(CodecError, match=r"truncated|malformed"):
             codec.decode(payload[:cut], what="global model")
 
 

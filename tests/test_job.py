@@ -96,7 +96,7 @@ def test_bad_job_files_name_the_key_and_file(
 
 
 def test_a_missing_job_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(JobError, match="cannot read job file .*nope.toml"):
+    with pytest.raises(JobError, match=r"cannot read job file .*nope\.toml"):
         Job.load(tmp_path / "nope.toml")
 
 

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import torch
+
+from flcore.chain import Chain
+from flcore.context import FLContext
+from flcore.logging import make_logger
+from tests.conftest import small_job
+
+
+def test_a_snapshot_restores_round_model_state_and_metrics() -> None:
+    chain = Chain([])
+    ctx = FLContext(job=small_job(), task=None, chain=chain, log=make_logger())  # type: ignore[arg-type]
+    ctx.round = 1
+    ctx.global_model = {"w": torch.ones(2)}
+    ctx.state["p"] = {"best": 0.5}
+    ctx.metrics["x"] = 1
+    ctx.take_snapshot()
+    ctx.round = 2
+    ctx.global_model["w"].add_(5)  # in place: the snapshot holds a copy
+    ctx.state["p"]["best"] = 0.9
+    ctx.metrics["server"] = {"accuracy": 1.0}
+    ctx.client_tests = {"client-0": {"accuracy": 1.0}}
+    ctx.restore_snapshot()
+    assert ctx.round == 1
+    assert torch.equal(ctx.global_model["w"], torch.ones(2))
+    assert ctx.state == {"p": {"best": 0.5}} and ctx.metrics == {"x": 1}
+    assert ctx.client_tests == {} and ctx.contributions == []
