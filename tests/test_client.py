@@ -29,7 +29,7 @@ def test_a_client_refuses_what_it_cannot_read(client: Client) -> None:
 def test_a_client_refuses_a_model_of_another_shape(client: Client) -> None:
     import torch
 
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key"):
         client.handle("train", codec.encode({"w": torch.zeros(1)}, {"round": 1}))
 
 
