@@ -267,10 +267,15 @@ def evaluate(ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, flo
 
 
 @hookspec(firstresult=True)
-def predict(ctx: FLContext, model: torch.nn.Module, inputs: torch.Tensor) -> dict[str, Any] | None:
+def predict(
+    ctx: FLContext, model: torch.nn.Module, inputs: torch.Tensor, samples: int | None
+) -> dict[str, Any] | None:
     """Predict with uncertainty: ``{"probabilities": Tensor, ...}`` for ``inputs``.
 
-    Side: both (``flcore predict`` runs it anywhere). The core answers the plain model's softmax
-    probabilities and their entropy; an uncertainty method (SWAG) answers with
-    more fields.
+    Side: both (``flcore predict`` runs it anywhere). ``model`` holds the run's global model;
+    ``samples`` is how many posterior samples the caller wants (``None``: the method's
+    default; callers always pass it). Return one row per input: ``prediction``,
+    ``probabilities``, uncertainty fields, and ``method`` (a line saying what answered). The
+    core answers the plain model's softmax probabilities and their entropy; an uncertainty
+    method (SWAG) answers with more fields.
     """

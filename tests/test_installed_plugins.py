@@ -177,3 +177,14 @@ def test_an_unknown_plugin_lists_the_installed_ones(python: Path, tmp_path: Path
     assert result.returncode != 0
     assert "unknown plugin 'recorder_c'" in result.stderr
     assert "broken, failing, recorder_a, recorder_b" in result.stderr
+
+
+def test_listing_plugins_does_not_import_torch(python: Path) -> None:
+    code = (
+        "import sys; from flcore.plugins import list_plugins\n"
+        "names = [p.name for p in list_plugins()]\n"
+        "assert 'core.fedavg' in names and 'recorder_a' in names\n"
+        "assert 'torch' not in sys.modules, 'listing plugins imported torch'\n"
+    )
+    result = subprocess.run([str(python), "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
-from flcore.data import as_tensors, batches
 from flcore.markers import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_BATCH = 1024
 
@@ -20,6 +19,10 @@ def is_classification(targets: torch.Tensor) -> bool:
 
 def loss_function(task: Any, data: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The task's ``loss``, else cross-entropy for integer targets and MSE for float ones."""
+    import torch.nn.functional as F
+
+    from flcore.data import batches
+
     if task is not None and task.loss is not None:
         return task.loss
     _, targets = next(iter(batches(data, 1)))
@@ -28,6 +31,10 @@ def loss_function(task: Any, data: Any) -> Callable[[torch.Tensor, torch.Tensor]
 
 @hookimpl
 def evaluate(ctx: Any, model: torch.nn.Module, data: Any) -> dict[str, float]:
+    import torch
+
+    from flcore.data import as_tensors, batches
+
     if len(data) == 0:
         return {}
     loss_fn = loss_function(getattr(ctx, "task", None), data)
@@ -49,6 +56,8 @@ def evaluate(ctx: Any, model: torch.nn.Module, data: Any) -> dict[str, float]:
 
 @hookimpl
 def predict(ctx: Any, model: torch.nn.Module, inputs: torch.Tensor) -> dict[str, Any]:
+    import torch
+
     model.eval()
     with torch.no_grad():
         probabilities = torch.softmax(model(inputs), dim=-1)

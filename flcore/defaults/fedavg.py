@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flcore.aggregation import weighted_mean
 from flcore.markers import hookimpl
 
 
 @hookimpl
 def aggregate(ctx: Any, contributions: Iterable[Any]) -> dict[str, Any]:
+    from flcore.aggregation import weighted_mean  # torch: imported on use, not on listing
+
     return weighted_mean((c.weights, c.num_samples) for c in contributions)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from flcore.data import as_tensors, batches, derive_seed
-from flcore.defaults.evaluation import loss_function
 from flcore.markers import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @hookimpl
 def local_train(ctx: Any, model: torch.nn.Module, data: Any) -> dict[str, Any]:
+    import torch  # imported on use, so that listing plugins stays fast
+
+    from flcore.data import as_tensors, batches, derive_seed
+    from flcore.defaults.evaluation import loss_function
+
     settings = ctx.job.local
     seed = derive_seed(ctx.job.job.seed, "train", ctx.round, ctx.client_id)
     torch.manual_seed(seed)  # dropout and other random layers
