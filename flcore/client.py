@@ -29,7 +29,9 @@ def client_name(index: int) -> str:
 class Client:
     """One federation member, with its own context, data split and model."""
 
-    def __init__(self, job: Any, task: Any, chain: Any, index: int, log: Any) -> None:
+    def __init__(
+        self, job: Any, task: Any, chain: Any, index: int, log: Any, model: Any = None
+    ) -> None:
         self.index = index
         self.name = client_name(index)
         self.ctx = FLContext(
@@ -43,7 +45,9 @@ class Client:
         data = task.client_data(index, job.job.clients)
         seed = derive_seed(job.job.seed, "split", self.name)
         self.train_data, self.val_data = split_validation(data, job.local.validation_split, seed)
-        self.model: torch.nn.Module = task.model()
+        # Clients that run one after another may share one model instance: every request
+        # loads the weights it needs first, so nothing of one client leaks to the next.
+        self.model: torch.nn.Module = model if model is not None else task.model()
         self.ctx.model = self.model
         self.ctx.client = self
         self.last_weights: dict[str, torch.Tensor] | None = None

@@ -19,8 +19,9 @@ class EmbeddedRuntime(Runtime):
         self.clients: dict[str, Client] = {}
 
     def start(self, ctx: FLContext) -> list[str]:
+        shared = ctx.task.model()  # one model for all: a hundred clients need not hold a hundred
         for index in range(ctx.job.job.clients):
-            client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log)
+            client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log, model=shared)
             self.clients[client.name] = client
         return list(self.clients)
 
