@@ -34,6 +34,7 @@ class Chain:
         plugins: Sequence[tuple[str, Any]],
         settings: Mapping[str, Any] | None = None,
         with_defaults: bool = True,
+        origins: Mapping[str, str] | None = None,
     ) -> None:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
@@ -50,6 +51,8 @@ class Chain:
             self.pm.register(plugin, name=name)
         self.names: tuple[str, ...] = tuple(name for name, _ in ordered)
         self.settings: dict[str, Any] = dict(settings or {})
+        #: Where each plugin of the job came from: "entry point" or "python" (given in code).
+        self.origins: dict[str, str] = dict(origins or {})
         self._position = {name: i for i, name in enumerate(self.names)}
         self._impls: dict[tuple[str, bool], list[tuple[str, Any]]] = {}
 
@@ -57,7 +60,7 @@ class Chain:
     def for_job(cls, job: Job, extra: Mapping[str, Any] | None = None) -> Chain:
         """Load, configure and order the plugins ``job`` names. ``extra`` maps names to plugin
         objects that need no installation (tests, stacks composed in Python)."""
-        plugins, settings = [], {}
+        plugins, settings, origins = [], {}, {}
         for name in job.chain:
             if name.startswith("core."):
                 raise JobError(f"{job.where('plugins')}: {name!r} is a core default, always active")
@@ -67,7 +70,8 @@ class Chain:
             )
             plugins.append((name, plugin))
             settings[name] = plugin_settings
-        return cls(plugins, settings)
+            origins[name] = "python" if extra and name in extra else "entry point"
+        return cls(plugins, settings, origins=origins)
 
     def plugin(self, name: str) -> Any:
         """The registered plugin object called ``name``."""

@@ -26,6 +26,11 @@ class JobSettings:
     min_clients: int | None = attrs.field(default=None, validator=_at_least(1))
     seed: int = 0
     runtime: str = "embedded"
+    #: Worker processes for the clients (0: every client in the server's process).
+    workers: int = attrs.field(default=0, validator=_at_least(0))
+    #: torch threads for client work, the same on every runtime: float results depend on
+    #: how a reduction is split, so this is what keeps runtimes byte-identical.
+    threads: int = attrs.field(default=1, validator=_at_least(1))
     #: What a failed round does: stop the run (keeping the last completed round) or try again.
     on_error: Literal["abort", "retry"] = "abort"
     max_retries: int = attrs.field(default=1, validator=_at_least(0))

@@ -161,6 +161,10 @@ class ModelTrainer:
                 continue
             received.add(contribution.client_id)
             ctx.contributions.append(contribution)
+        # Replies arrive in any order; the round proceeds in client order, so that every
+        # runtime aggregates the same sum in the same order (byte-identical results).
+        order = {name: i for i, name in enumerate(clients)}
+        ctx.contributions.sort(key=lambda c: order[c.client_id])
         ctx.metrics["clients"] = sorted(received)
         if refused:
             ctx.metrics["refused"] = refused

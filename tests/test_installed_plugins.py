@@ -8,18 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from flcore.testing import isolated_python
-
-ROOT = Path(__file__).resolve().parents[1]
-DIST = ROOT / "tests" / "fixtures" / "test_plugins"
-PLUGIN_DISTS = ["flcore-swag", "flcore-model-selection", "flcore-server-validation"]
+from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module")
-def python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An environment with flcore and the test distribution pip-installed (built from source)."""
-    env = tmp_path_factory.mktemp("env")
-    return isolated_python(env / "venv", exclude=PLUGIN_DISTS, install=[DIST])
+@pytest.fixture
+def python(plugin_env_python: Path) -> Path:
+    return plugin_env_python
 
 
 def flcore(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -176,7 +170,7 @@ def test_an_unknown_plugin_lists_the_installed_ones(python: Path, tmp_path: Path
     result = flcore(python, "validate", str(job_file(tmp_path, ["recorder_c"])))
     assert result.returncode != 0
     assert "unknown plugin 'recorder_c'" in result.stderr
-    assert "broken, failing, recorder_a, recorder_b" in result.stderr
+    assert "broken, crash, failing, recorder_a, recorder_b" in result.stderr
 
 
 def test_listing_plugins_does_not_import_torch(python: Path) -> None:

@@ -17,8 +17,13 @@ from flcore.runtime.base import ClientResult, Runtime
 class EmbeddedRuntime(Runtime):
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
+        self.threads_before: int | None = None
 
     def start(self, ctx: FLContext) -> list[str]:
+        import torch
+
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(ctx.job.job.threads)
         shared = ctx.task.model()  # one model for all: a hundred clients need not hold a hundred
         for index in range(ctx.job.job.clients):
             client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log, model=shared)
@@ -40,3 +45,7 @@ class EmbeddedRuntime(Runtime):
 
     def stop(self, ctx: FLContext) -> None:
         self.clients.clear()
+        if self.threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self.threads_before)

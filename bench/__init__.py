@@ -1,0 +1,1 @@
+"""flcore's benchmark suite: ``python -m bench`` (see bench/README.md)."""

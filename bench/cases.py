@@ -1,0 +1,231 @@
+"""The benchmark cases of the performance issue; each yields :class:`Row`s."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from bench.baseline import bare_fedavg
+from flcore import codec
+from flcore.job import Job
+from flcore.run import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 1e9
+
+
+@attrs.frozen
+class Row:
+    case: str
+    what: str
+    flcore: float
+    baseline: float
+    unit: str
+    target: str
+    higher_is_better: bool = False
+
+    @property
+    def ratio(self) -> float:
+        return self.flcore / self.baseline
+
+    def format(self) -> str:
+        return (
+            f"{self.case:<6}{self.what:<52}{self.flcore:>9.3f} {self.unit:<2}"
+            f"{self.baseline:>9.3f} {self.unit:<2}{self.ratio:>8.3f}  {self.target}"
+        )
+
+
+def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def digits_job(hidden: int, clients: int, rounds: int, workers: int | None = None) -> Job:
+    job: dict[str, Any] = {
+        "name": "bench",
+        "task": "examples.digits",
+        "rounds": rounds,
+        "clients": clients,
+        "seed": 0,
+    }
+    if workers is not None:
+        job["workers"] = workers
+    return Job.from_dict(
+        {
+            "job": job,
+            "task": {"hidden": hidden},
+            # the baseline neither tests nor validates: neither does this job
+            "trainer": {"skip_model_tests": True},
+            "local": {"epochs": 1, "batch_size": 32, "lr": 0.05, "validation_split": 0.0},
+        },
+        source="bench",
+    )
+
+
+def run_flcore(job: Job) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_job(job, out=Path(tmp) / "run")
+        return codec.load_file(result.global_model_path)[0]
+
+
+def training(
+    case: str, hidden: int, clients: int, rounds: int, workers: int | None, target: str, repeat: int
+) -> Iterator[Row]:
+    from examples.digits import Task
+
+    job = digits_job(hidden, clients, rounds, workers)
+    task = Task(hidden=hidden)
+    bare = lambda: bare_fedavg(task, clients, rounds, 1, 32, 0.05, 0)  # noqa: E731
+    bare()  # warm: data cache, lazy torch imports
+    run_flcore(digits_job(hidden, 2, 1))
+    base_t, base_w = median_time(bare, repeat)
+    ours_t, ours_w = median_time(lambda: run_flcore(job), repeat)
+    same = all(torch.equal(ours_w[k], base_w[k]) for k in base_w)
+    runtime = f"{workers} workers" if workers else "sequential"
+    what = f"digits MLP {hidden}, {clients} clients, {rounds} rounds, {runtime}"
+    yield Row(case, what + ("" if same else " (WEIGHTS DIFFER)"), ours_t, base_t, "s", target)
+
+
+def case_a(repeat: int) -> Iterator[Row]:
+    yield from training("A", 128, 10, 20, None, "<= 1.15", repeat)
+
+
+def case_b(repeat: int) -> Iterator[Row]:
+    yield from training("B", 1024, 10, 20, None, "<= 1.15", repeat)
+    yield from training("B2", 1024, 10, 20, 2, "<= 0.65 (2 cores)", repeat)  # needs workers
+
+
+def case_c(repeat: int) -> Iterator[Row]:
+    yield from training("C", 128, 50, 10, None, "<= 1.15", repeat)
+
+
+def case_d(repeat: int) -> Iterator[Row]:
+    """Aggregation throughput: GB/s of client weights read by FedAvg, next to a plain copy."""
+    from flcore.contribution import Contribution
+    from flcore.defaults.fedavg import aggregate
+
+    shapes = [(5000, 4000)] * 5 + [(1000,)] * 5  # 25 M parameters
+    gen = torch.Generator().manual_seed(0)
+    contributions = [
+        Contribution(
+            f"client-{i}",
+            1,
+            {f"t{j}": torch.randn(s, generator=gen) for j, s in enumerate(shapes)},
+            10 + i,
+            1,
+        )
+        for i in range(10)
+    ]
+    nbytes = sum(t.numel() * t.element_size() for c in contributions for t in c.weights.values())
+    targets = {k: torch.empty_like(v) for k, v in contributions[0].weights.items()}
+
+    def copy_all() -> None:
+        for c in contributions:
+            for k, v in c.weights.items():
+                targets[k].copy_(v)
+
+    copy_all()
+    aggregate(None, contributions)
+    copy_t, _ = median_time(copy_all, repeat)
+    agg_t, _ = median_time(lambda: aggregate(None, contributions), repeat)
+    yield Row(
+        "D",
+        "FedAvg of 10 x 25 M float32 (GB/s read, vs copy)",
+        nbytes / agg_t / GB,
+        nbytes / copy_t / GB,
+        "GB",
+        ">= 0.7",
+        higher_is_better=True,
+    )
+
+
+def peak_rss_growth(fn: Callable[[], Any]) -> float:
+    """Bytes the process's peak resident set grew by while ``fn`` ran (Linux)."""
+
+    def status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current size
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
+def case_e(repeat: int) -> Iterator[Row]:
+    """Server memory for one round of 100 clients of a 10 M-parameter model."""
+    job = Job.from_dict(
+        {
+            "job": {"name": "bench-e", "task": "bench.tasks:Wide", "rounds": 1, "clients": 100},
+            "trainer": {"skip_model_tests": True},
+            "local": {"validation_split": 0.0, "lr": 0.001},
+        },
+        source="bench",
+    )
+    model_bytes = 10_000_000 * 4
+    run_flcore(Job.from_dict({**job.raw, "job": {**job.raw["job"], "clients": 2}}))
+    growth = peak_rss_growth(lambda: run_flcore(job))
+    yield Row(
+        "E",
+        "peak RSS growth, 1 round of 100 x 10 M params (MB)",
+        growth / 1e6,
+        model_bytes / 1e6,
+        "MB",
+        "<= 3 (model sizes)",
+    )
+
+
+def case_f(repeat: int) -> Iterator[Row]:
+    """Start-up: ``flcore --help`` and ``flcore plugins`` next to a bare interpreter."""
+    flcore = [sys.executable, "-m", "flcore"]
+
+    def wall(cmd: list[str]) -> float:
+        t, _ = median_time(
+            lambda: subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT, env=os.environ),
+            max(repeat, 5),
+        )
+        return t
+
+    python = wall([sys.executable, "-c", "pass"])
+    yield Row(
+        "F",
+        "flcore --help (s, vs python -c pass)",
+        wall([*flcore, "--help"]),
+        python,
+        "s",
+        "< 0.3 s",
+    )
+    yield Row(
+        "F",
+        "flcore plugins (s, vs python -c pass)",
+        wall([*flcore, "plugins"]),
+        python,
+        "s",
+        "< 1 s",
+    )
+
+
+CASES: dict[str, Callable[[int], Iterator[Row]]] = {
+    "A": case_a,
+    "B": case_b,
+    "C": case_c,
+    "D": case_d,
+    "E": case_e,
+    "F": case_f,
+}

@@ -1,0 +1,205 @@
+"""The parallel local runtime: clients in a pool of worker processes started once per run.
+
+Each worker builds its own chain from the job (a PluginManager cannot be pickled), loads
+its clients' data once, and answers requests over a pipe. Models cross as the codec's bytes
+(``send_bytes``/``recv_bytes``, never pickled), one copy per worker per request, and replies
+are yielded as each client finishes, so the trainer folds them in while others still train.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import tomllib
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from flcore.client import client_name
+from flcore.context import FLContext
+from flcore.errors import FLCoreError, JobError
+from flcore.runtime.base import ClientResult, Runtime
+
+
+def _send(conn: Connection, header: dict[str, Any], payload: bytes | None = None) -> None:
+    conn.send_bytes(json.dumps(header).encode())
+    if payload is not None:
+        conn.send_bytes(payload)
+
+
+def worker_main(
+    conn: Connection,
+    job_text: str,
+    source: str,
+    indices: list[int],
+    run_dir: str | None,
+    threads: int,
+) -> None:
+    """A worker's whole life: build the chain and clients, then answer until told to stop."""
+    import torch
+
+    from flcore.chain import Chain
+    from flcore.client import Client
+    from flcore.job import Job
+    from flcore.logging import make_logger
+    from flcore.task import load_task
+
+    torch.set_num_threads(threads)
+    log = make_logger(Path(run_dir) / "events.jsonl" if run_dir else None)
+    try:
+        job = Job.from_dict(tomllib.loads(job_text), source=source)
+        task = load_task(job)
+        chain = Chain.for_job(job)
+        shared = task.model()
+        clients = {
+            client_name(i): Client(job, task, chain, i, log.bind(worker=os.getpid()), shared)
+            for i in indices
+        }
+    except Exception as err:  # reported to the server, which stops the run
+        _send(conn, {"fatal": f"{type(err).__name__}: {err}"})
+        return
+    _send(conn, {"ready": True})
+    while True:
+        try:
+            header = json.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if header.get("request") == "stop":
+            return
+        payload = conn.recv_bytes()
+        for name in header["clients"]:
+            try:
+                reply = clients[name].handle(header["request"], payload)
+            except FLCoreError as err:
+                _send(conn, {"client": name, "error": str(err)})
+            except Exception as err:
+                _send(conn, {"client": name, "error": f"{type(err).__name__}: {err}"})
+            else:
+                _send(conn, {"client": name}, reply)
+        _send(conn, {"done": True})
+
+
+#: Imported once by the fork server, so that workers start with them loaded. torch._dynamo
+#: is what the first optimizer step imports lazily: seconds per worker otherwise.
+PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "flcore.client",
+    "flcore.chain",
+    "flcore.task",
+    "flcore.defaults.local_training",
+    "flcore.defaults.evaluation",
+]
+
+
+def _context(task_module: str) -> Any:
+    """Workers fork from a fork server that imported torch (and the task) once, instead of
+    each paying for the imports; the fork server is a clean, single-threaded process, so
+    forking it is safe."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        mp = multiprocessing.get_context("forkserver")
+        mp.set_forkserver_preload([*PRELOAD, task_module])
+        return mp
+    return multiprocessing.get_context("spawn")
+
+
+class ProcessPoolRuntime(Runtime):
+    """``[job] workers = N``: N worker processes, clients dealt to them round-robin."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        self.assignment: dict[str, int] = {}
+
+    def start(self, ctx: FLContext) -> list[str]:
+        extra = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
+        if extra:
+            raise JobError(
+                f"{ctx.job.where('job')}.workers: plugins {extra} were given in Python, not "
+                "installed, so worker processes cannot load them; install them or set workers = 0"
+            )
+        n_clients = ctx.job.job.clients
+        workers = min(self.workers, n_clients)
+        threads = ctx.job.job.threads
+        mp = _context(ctx.job.job.task.partition(":")[0])
+        job_text = ctx.job.to_toml()
+        for w in range(workers):
+            indices = list(range(w, n_clients, workers))
+            parent, child = mp.Pipe()
+            proc = mp.Process(
+                target=worker_main,
+                args=(
+                    child,
+                    job_text,
+                    ctx.job.source,
+                    indices,
+                    str(ctx.run_dir) if ctx.run_dir else None,
+                    threads,
+                ),
+                daemon=True,
+                name=f"flcore-worker-{w}",
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+            for i in indices:
+                self.assignment[client_name(i)] = w
+        for w, conn in enumerate(self.conns):
+            try:
+                header = json.loads(conn.recv_bytes())
+            except EOFError:
+                header = {"fatal": "the worker process died while starting"}
+            if "fatal" in header:
+                self.stop(ctx)
+                raise FLCoreError(f"worker {w} could not start: {header['fatal']}")
+        return [client_name(i) for i in range(n_clients)]
+
+    def run(
+        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+    ) -> Iterator[ClientResult]:
+        by_worker: dict[int, list[str]] = {}
+        for name in clients:
+            by_worker.setdefault(self.assignment[name], []).append(name)
+        pending: dict[Connection, list[str]] = {}
+        for w, names in by_worker.items():
+            conn = self.conns[w]
+            try:
+                _send(conn, {"request": request, "clients": names}, payload)
+                pending[conn] = list(names)
+            except (BrokenPipeError, OSError):
+                for name in names:
+                    yield ClientResult(name, error=f"worker {w} is gone")
+        while pending:
+            for conn in wait(list(pending)):
+                assert isinstance(conn, Connection)
+                try:
+                    header = json.loads(conn.recv_bytes())
+                    if header.get("done"):
+                        del pending[conn]
+                        continue
+                    name = header["client"]
+                    reply = None if "error" in header else conn.recv_bytes()
+                except (EOFError, OSError):
+                    for name in pending.pop(conn):
+                        yield ClientResult(name, error="its worker process died")
+                    continue
+                pending[conn].remove(name)
+                yield ClientResult(name, payload=reply, error=header.get("error"))
+
+    def stop(self, ctx: FLContext) -> None:
+        for conn in self.conns:
+            try:
+                _send(conn, {"request": "stop"})
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []

@@ -1,0 +1,82 @@
+"""The parallel local runtime: worker processes, same results as the embedded runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flcore import hookimpl
+from flcore.errors import JobError
+from flcore.run import run_job
+from tests.conftest import ROOT, small_job
+
+
+def test_workers_give_byte_identical_weights_to_the_embedded_runtime(tmp_path: Path) -> None:
+    sequential = run_job(small_job(job={"rounds": 3, "clients": 5}), out=tmp_path / "seq")
+    parallel = run_job(
+        small_job(job={"rounds": 3, "clients": 5, "workers": 2}), out=tmp_path / "par"
+    )
+    assert sequential.global_model_path.read_bytes() == parallel.global_model_path.read_bytes()
+    assert sequential.history[-1]["test"] == parallel.history[-1]["test"]
+    # the workers' client-side events reach the run's event log
+    workers = {
+        e.get("worker")
+        for e in map(json.loads, (tmp_path / "par" / "events.jsonl").read_text().splitlines())
+    } - {None}
+    assert len(workers) == 2
+
+
+def test_plugins_given_in_python_cannot_cross_into_workers(tmp_path: Path) -> None:
+    class Local:
+        @hookimpl
+        def end_round(self, ctx: object) -> None: ...
+
+    with pytest.raises(JobError, match=r"plugins \['local'\] were given in Python"):
+        run_job(
+            small_job(["local"], job={"workers": 2}),
+            out=tmp_path / "run",
+            extra_plugins={"local": Local()},
+        )
+
+
+def test_a_worker_that_dies_fails_only_its_clients(plugin_env_python: Path, tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("""
+[job]
+name = "crash"
+task = "examples.digits"
+rounds = 3
+clients = 4
+min_clients = 2
+workers = 2
+
+[task]
+hidden = 8
+
+[plugins]
+chain = ["crash"]
+
+[plugins.crash]
+client = "client-1"
+round = 2
+""")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [str(plugin_env_python), "-m", "flcore", "run", str(job), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["clients"] == ["client-0", "client-1", "client-2", "client-3"]
+    # worker 1 held client-1 and client-3: both fail from round 2 on, the others go on
+    assert rounds[1]["clients"] == ["client-0", "client-2"]
+    assert any("worker process died" in r for r in rounds[1]["refused"])
+    assert rounds[2]["clients"] == ["client-0", "client-2"]
+    assert any("is gone" in r for r in rounds[2]["refused"])
