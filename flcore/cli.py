@@ -85,6 +85,49 @@ def validate(job_file: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("input_file", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    help="Posterior samples to average (default: the method's own, e.g. [plugins.swag] samples).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the rows to a .jsonl or .csv file (default: JSON lines on stdout).",
+)
+def predict(run_dir: str, input_file: str, samples: int | None, out: str | None) -> None:
+    """Predict with uncertainty for the inputs in INPUT (.npy or .safetensors) with the
+    finished run in RUN_DIR: its posterior when its chain left one, else its global model."""
+    from pathlib import Path
+
+    from flcore import codec
+    from flcore.errors import FLCoreError
+    from flcore.logging import make_logger
+    from flcore.predict import format_rows, load_run, output_format, predict, read_inputs, rows
+
+    try:
+        fmt = output_format(out)
+        run = load_run(run_dir, log=make_logger(None, console_level="warning"))
+        inputs = read_inputs(input_file)
+        result = predict(run, inputs, samples)
+        text = format_rows(rows(result), fmt)
+        if out is not None:
+            codec.write_atomic(Path(out), text.encode())
+    except FLCoreError as err:
+        _fail(err)
+        return
+    method = result.get("method", "unknown")
+    if out is None:
+        click.echo(text, nl=False)
+    click.echo(
+        f"predicted {len(inputs)} inputs with {method}" + (f"; wrote {out}" if out else ""),
+        err=True,
+    )
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
     """List every installed plugin, its distribution, version and hooks."""

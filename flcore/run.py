@@ -39,7 +39,7 @@ def prepare(job: Job, extra_plugins: Mapping[str, Any] | None = None, log: Any =
     Raises a :class:`FLCoreError` naming the problem; writes nothing."""
     chain = Chain.for_job(job, extra_plugins)
     task = load_task(job)
-    training = Training(job, chain, task, None, log or make_logger(None))
+    training = Training(job, chain, task, None, log or make_logger(None, console_level="critical"))
     training.check()
     return training
 
@@ -72,7 +72,7 @@ def run_job(
     Raises :class:`flcore.training.RunFailed` when a round fails under the ``abort`` policy,
     after the run directory holds the last completed round.
     """
-    training = prepare(job, extra_plugins, make_logger(None, console_level="critical"))
+    training = prepare(job, extra_plugins)
     run_dir = new_run_dir(job, out)
     log = make_logger(
         run_dir / "events.jsonl",

@@ -14,7 +14,7 @@ import torch
 from flcore import codec
 from flcore.chain import Chain
 from flcore.context import FLContext
-from flcore.errors import CodecError, FLCoreError, JobError, RoundFailed
+from flcore.errors import CodecError, FLCoreError, HandlerFailed, JobError, RoundFailed
 from flcore.job import Job
 from flcore.task import Task
 
@@ -62,7 +62,12 @@ class Training:
 
     def check(self) -> None:
         """Every check that needs no training: the chain's ``check_job`` and the runtime."""
-        self.ctx.fire("check_job")
+        try:
+            self.ctx.fire("check_job")
+        except HandlerFailed as err:
+            if isinstance(err.error, JobError):  # a refusal, not a failure: say it plainly
+                raise JobError(f"plugin {err.plugin!r} refuses the job: {err.error}") from None
+            raise
         self.runtime = self.ctx.ask("get_runtime")
         if self.runtime is None:
             raise JobError(

@@ -8,6 +8,7 @@ are yielded as each client finishes, so the trainer folds them in while others s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ import tomllib
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flcore.client import client_name
 from flcore.context import FLContext
@@ -174,8 +175,8 @@ class ProcessPoolRuntime(Runtime):
                 for name in names:
                     yield ClientResult(name, error=f"worker {w} is gone")
         while pending:
-            for conn in wait(list(pending)):
-                assert isinstance(conn, Connection)
+            for ready in wait(list(pending)):
+                conn = cast(Connection, ready)
                 try:
                     header = json.loads(conn.recv_bytes())
                     if header.get("done"):
@@ -192,10 +193,8 @@ class ProcessPoolRuntime(Runtime):
 
     def stop(self, ctx: FLContext) -> None:
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):  # a dead worker's pipe is broken
                 _send(conn, {"request": "stop"})
-            except (BrokenPipeError, OSError):
-                pass
         for proc in self.procs:
             proc.join(timeout=10)
             if proc.is_alive():
