@@ -65,7 +65,7 @@ class BestModelFiles:
             self._undo = (self.version, self._contents())
         self.version += 1
         if self.run_dir is not None:
-            codec.write_atomic(self.run_dir / MODEL_FILE, payload)
+            codec.write_atomic(self.run_dir / MODEL_FILE, bytes(payload))
             codec.write_atomic(self.run_dir / RECORD_FILE, text.encode())
         return self.version
 

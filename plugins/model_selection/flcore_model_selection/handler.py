@@ -362,7 +362,8 @@ class ModelSelectionHandler:
         for model_round, value in (scored or {}).items():
             scores[str(model_round)] = value
         if skipped:
-            entry.setdefault("skipped", {}).update(skipped)
+            merged = {**entry.get("skipped", {}), **skipped}
+            entry["skipped"] = {c: merged[c] for c in sorted(merged)}
         if state["best"] is not None:
             entry["best_round"] = state["best"]["round"]
             entry["best"] = state["best"]["metric"]

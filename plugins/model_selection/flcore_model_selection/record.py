@@ -41,8 +41,9 @@ class BestModel:
             "source": self.source,
             "scored_in_round": self.scored_in_round,
             "final": self.final,
-            "clients": {c: dict(v) for c, v in self.clients.items()},
-            "skipped": dict(self.skipped),
+            # sorted: clients answer in any order, and the same run must give the same file
+            "clients": {c: dict(self.clients[c]) for c in sorted(self.clients)},
+            "skipped": {c: self.skipped[c] for c in sorted(self.skipped)},
         }
 
     @classmethod

@@ -343,3 +343,16 @@ def test_startup_resets_a_handler_used_for_a_second_run(tmp_path: Path) -> None:
         e["model_round"] for e in events(first.run_dir, "best_model_selected")
     ]
     assert handler.files.run_dir == second.run_dir and not handler.files.pending
+
+
+def test_the_selection_is_the_same_when_clients_run_in_worker_processes(
+    plain: Any, tmp_path: Path
+) -> None:
+    # the final model's extra validation goes through the runtime like any client request
+    sequential, _ = plain["untested"]
+    job = digits_job(job={"workers": 2}, trainer={"skip_model_tests": True})
+    pooled = run_job(job, out=tmp_path / "run").run_dir
+    (event,) = events(pooled, "final_model_scored")
+    assert event["via"] == "validation_pass" and event["clients"] == 3
+    for name in ("best_model.safetensors", "best_model.json"):
+        assert (pooled / name).read_bytes() == (sequential.run_dir / name).read_bytes()
