@@ -4,17 +4,21 @@ Each file is written to a temporary file that is fsynced and renamed over the ol
 crash leaves the previous best or the new one, never half of one. The JSON names the SHA-256
 of the model file it describes, so a reader can tell if a crash fell between the two renames.
 
-The files live outside ``ctx``, so the core's rollback cannot restore them: what they held
-at the round's start is kept in memory at the round's first write, and put back when the
-round fails. ``version`` counts the writes; the selection in ``ctx.state`` carries the same
-count, which is how a stale pair of files is recognised after a rollback the plugin did not
-see.
+The files live outside ``ctx``, so the core's rollback cannot restore them. At a round's
+first write, what they held at the round's start keeps a second name, a hard link
+(``.best_model.safetensors.round-start``): no copy of the model in memory or on disk, since
+the atomic write gives the file a new inode and leaves the old one to the link. A failed
+round renames it back; a completed round drops it. A process that dies mid-round leaves the
+round-start files beside the new ones. ``version`` counts the writes; the selection in
+``ctx.state`` carries the same count, which is how a stale pair of files is recognised after
+a rollback the plugin did not see.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -24,6 +28,12 @@ if TYPE_CHECKING:
 
 MODEL_FILE: Final = "best_model.safetensors"
 RECORD_FILE: Final = "best_model.json"
+ROUND_START: Final = ".round-start"
+
+
+def round_start_path(path: Path) -> Path:
+    """Where ``path``'s content at the round's start is kept while the round runs."""
+    return path.with_name(f".{path.name}{ROUND_START}")
 
 
 class BestModelFiles:
@@ -32,9 +42,9 @@ class BestModelFiles:
     def __init__(self, run_dir: Path | None) -> None:
         self.run_dir = run_dir
         self.version = 0
-        #: ``(version, path -> bytes or None)`` as at the round's first write; ``None`` when
-        #: nothing was written since the last :meth:`commit`.
-        self._undo: tuple[int, dict[Path, bytes | None]] | None = None
+        #: ``(version, path -> whether it existed)`` as at the round's first write; ``None``
+        #: when nothing was written since the last :meth:`commit`.
+        self._undo: tuple[int, dict[Path, bool]] | None = None
 
     @property
     def model_path(self) -> Path | None:
@@ -43,6 +53,14 @@ class BestModelFiles:
     @property
     def record_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / RECORD_FILE
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The record first: restored or removed first, a crash in between leaves a record
+        whose SHA-256 does not match the model."""
+        if self.run_dir is None:
+            return ()
+        return (self.run_dir / RECORD_FILE, self.run_dir / MODEL_FILE)
 
     @property
     def pending(self) -> bool:
@@ -58,43 +76,54 @@ class BestModelFiles:
         """Write the model, then its record; return the new version."""
         from flcore import codec
 
-        payload = codec.encode(weights, meta)
+        payload = bytes(codec.encode(weights, meta))
         described = {**record, "file": MODEL_FILE, "sha256": hashlib.sha256(payload).hexdigest()}
         text = json.dumps(described, indent=2, allow_nan=False) + "\n"  # fails before writing
         if self._undo is None:
-            self._undo = (self.version, self._contents())
+            self._undo = (self.version, self._keep_round_start())
         self.version += 1
         if self.run_dir is not None:
-            codec.write_atomic(self.run_dir / MODEL_FILE, bytes(payload))
+            codec.write_atomic(self.run_dir / MODEL_FILE, payload)
             codec.write_atomic(self.run_dir / RECORD_FILE, text.encode())
         return self.version
 
     def commit(self) -> None:
-        """The round that wrote is complete: its files stay."""
+        """The round that wrote is complete: its files stay, the round-start ones go."""
+        if self._undo is not None:
+            for path in self.paths:
+                round_start_path(path).unlink(missing_ok=True)
         self._undo = None
 
     def restore(self) -> int | None:
         """Put the files back as they were at the round's first write; return that version,
         or ``None`` when nothing was written since the last commit."""
-        from flcore import codec
-
         if self._undo is None:
             return None
-        version, contents = self._undo
-        # the record first: a crash in between leaves a record whose sha256 no longer matches
-        for path in sorted(contents, key=lambda p: p.name != RECORD_FILE):
-            data = contents[path]
-            if data is None:
-                path.unlink(missing_ok=True)
+        version, existed = self._undo
+        for path in self.paths:
+            if existed[path]:
+                kept = round_start_path(path)
+                os.replace(kept, path)
+                # renaming a hard link over its own file does nothing: it was never replaced
+                kept.unlink(missing_ok=True)
             else:
-                codec.write_atomic(path, data)
+                path.unlink(missing_ok=True)
         self.version = version
         self._undo = None
         return version
 
-    def _contents(self) -> dict[Path, bytes | None]:
-        contents: dict[Path, bytes | None] = {}
-        for path in (self.model_path, self.record_path):
-            if path is not None:
-                contents[path] = path.read_bytes() if path.exists() else None
-        return contents
+    def _keep_round_start(self) -> dict[Path, bool]:
+        from flcore import codec
+
+        existed = {}
+        for path in self.paths:
+            kept = round_start_path(path)
+            kept.unlink(missing_ok=True)  # stale: from a process that died mid-round
+            existed[path] = path.exists()
+            if not existed[path]:
+                continue
+            try:
+                os.link(path, kept)
+            except OSError:  # a file system without hard links: a copy, written atomically
+                codec.write_atomic(kept, path.read_bytes())
+        return existed

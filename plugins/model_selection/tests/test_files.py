@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from flcore_model_selection import MODEL_FILE, RECORD_FILE, BestModelFiles
+from flcore_model_selection.files import round_start_path
 
 from flcore import codec
 
@@ -50,11 +51,16 @@ def test_restore_puts_back_the_round_start(tmp_path: Path) -> None:
     files.write(model(1.0), {"round": 1}, {"round": 1})
     files.commit()  # round 1 completed
     before = {p: (tmp_path / p).read_bytes() for p in (MODEL_FILE, RECORD_FILE)}
+    inode = os.stat(tmp_path / MODEL_FILE).st_ino
     files.write(model(2.0), {"round": 2}, {"round": 2})
     files.write(model(3.0), {"round": 3}, {"round": 3})  # two writes in one round
     assert files.pending and files.version == 3
+    # the round-start model is the old file under a second name, not a copy
+    kept = round_start_path(tmp_path / MODEL_FILE)
+    assert os.stat(kept).st_ino == inode and kept.read_bytes() == before[MODEL_FILE]
     assert files.restore() == 1
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert sorted(os.listdir(tmp_path)) == [RECORD_FILE, MODEL_FILE]
     assert not files.pending and files.version == 1
     assert files.restore() is None  # nothing left to undo
 
@@ -69,9 +75,11 @@ def test_restore_of_a_first_best_removes_the_files(tmp_path: Path) -> None:
 def test_commit_keeps_what_was_written(tmp_path: Path) -> None:
     files = BestModelFiles(tmp_path)
     files.write(model(1.0), {}, {"round": 0})
+    files.write(model(2.0), {}, {"round": 1})
     files.commit()
     assert files.restore() is None
-    assert (tmp_path / MODEL_FILE).exists()
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["round"] == 1
+    assert sorted(os.listdir(tmp_path)) == [RECORD_FILE, MODEL_FILE]  # round-start copies gone
 
 
 def test_without_a_run_directory_only_the_version_moves() -> None:
@@ -96,6 +104,8 @@ def test_a_crash_while_writing_leaves_the_previous_best(
         patch.setattr(os, "fsync", power_cut)
         with pytest.raises(OSError, match="power cut"):
             files.write(model(2.0), {"round": 2}, {"round": 2})
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert files.restore() == 1  # what the handler does when the round fails
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
     assert sorted(os.listdir(tmp_path)) == [RECORD_FILE, MODEL_FILE]  # no half-written file
 

@@ -100,6 +100,7 @@ def test_best_model_is_the_round_with_the_best_weighted_metric(degraded: Any) ->
     assert record["skipped"] == {}
     payload = (run_dir / "best_model.safetensors").read_bytes()
     assert record["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert list(run_dir.glob(".best_model*")) == []  # round-start copies go with each round
 
 
 def test_metrics_and_events_say_which_model_each_score_belongs_to(degraded: Any) -> None:

@@ -54,6 +54,7 @@ def assert_as_before_the_round(run_dir: Path, fail: FailAt, handler: ModelSelect
     )
     assert any(e["round"] == fail.round for e in events(run_dir, "best_model_restored"))
     assert events(run_dir, "best_model_out_of_step") == []  # files agree with ctx.state
+    assert list(run_dir.glob(".best_model*")) == []  # no round-start copy left behind
 
 
 def test_a_plugin_failing_after_the_selection_in_the_same_event_rolls_it_back(
