@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -41,11 +42,13 @@ class WeightedMean:
         self.count += 1
 
     def result(self) -> dict[str, torch.Tensor]:
+        """The mean, once: the accumulator is divided in place and released tensor by tensor,
+        so that the result never exists beside a whole second accumulator."""
         if not self.count:
             raise ValueError("weighted mean of nothing")
         out = {}
-        for name, acc in self._sums.items():
-            mean = acc / self.total_weight
+        for name in list(self._sums):
+            mean = self._sums.pop(name).div_(self.total_weight)
             dtype = self._dtypes[name]
             if dtype.is_floating_point or dtype.is_complex:
                 out[name] = mean.to(dtype)
@@ -64,3 +67,45 @@ def weighted_mean(
     for weights, weight in items:
         mean.add(weights, weight)
     return mean.result()
+
+
+class OrderedFold:
+    """Takes a round's replies in whatever order they arrive and hands them on in client order.
+
+    Every runtime thus folds the same sum in the same order (byte-identical results). With a
+    ``mean``, each accepted contribution is folded in as soon as its predecessors are settled
+    and kept without its weights, so the server holds one accumulator, not one model per
+    client; only replies that overtake a slower client wait.
+    """
+
+    def __init__(self, order: list[str], mean: WeightedMean | None, on_fold: Any = None) -> None:
+        self.order = order
+        self.mean = mean
+        self.on_fold = on_fold
+        self.waiting: dict[str, Any] = {}
+        self.next = 0
+        self.accepted: list[Any] = []
+
+    def settle(self, client: str, contribution: Any | None) -> None:
+        """``client``'s reply counted: its contribution, or ``None`` when it was refused."""
+        self.waiting[client] = contribution
+        while self.next < len(self.order) and self.order[self.next] in self.waiting:
+            item = self.waiting.pop(self.order[self.next])
+            self.next += 1
+            if item is not None:
+                self._fold(item)
+
+    def finish(self) -> list[Any]:
+        """Every reply is in: clients that never answered are skipped."""
+        for client in self.order[self.next :]:
+            self.settle(client, self.waiting.get(client))
+        return self.accepted
+
+    def _fold(self, contribution: Any) -> None:
+        if self.on_fold is not None:
+            self.on_fold(contribution)
+        if self.mean is None:
+            self.accepted.append(contribution)
+        else:
+            self.mean.add(contribution.weights, contribution.num_samples)
+            self.accepted.append(contribution.evolve_without_weights())

@@ -52,7 +52,7 @@ class Client:
         self.ctx.client = self
         self.last_weights: dict[str, torch.Tensor] | None = None
 
-    def handle(self, request: str, payload: bytes) -> bytes:
+    def handle(self, request: str, payload: codec.Payload) -> codec.Payload:
         """Answer one request from the server; the reply is a codec payload."""
         if request == "train":
             return self.train(payload)
@@ -65,17 +65,19 @@ class Client:
             raise CodecError(f"{self.name}: no plugin answers request {request!r}")
         return bytes(answer)
 
-    def receive(self, payload: bytes, what: str) -> dict[str, torch.Tensor]:
-        """Decode a model sent by the server, load it into ``self.model``, set the round."""
-        weights, meta = codec.decode(payload, what=f"{what} sent to {self.name}")
+    def receive(self, payload: codec.Payload, what: str) -> dict[str, torch.Tensor]:
+        """Decode a model sent by the server, load it into ``self.model``, set the round, and
+        return the model's own state dict (so a hook that edits it edits the model)."""
+        # Views into the payload, copied once by load_state_dict: no second copy of the model.
+        weights, meta = codec.decode(payload, what=f"{what} sent to {self.name}", copy=False)
         round_ = meta.get("round")
         if not isinstance(round_, int):
             raise CodecError(f"{what} sent to {self.name}: no round number")
         self.ctx.round = round_
         self.model.load_state_dict(weights)
-        return weights
+        return self.model.state_dict()
 
-    def train(self, payload: bytes) -> bytes:
+    def train(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
         weights = self.receive(payload, "global model")
         ctx.fire("receive_model", weights=weights)
@@ -97,10 +99,10 @@ class Client:
             metrics=metrics,
         ).encode()
 
-    def validate(self, payload: bytes) -> bytes:
+    def validate(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
         weights = self.receive(payload, "model to validate")
-        models: dict[str, Any] = {"global": weights}
+        models: dict[str, Any] = {"global": {k: v.clone() for k, v in weights.items()}}
         ctx.fire("receive_validation_models", models=models)
         results: dict[str, dict[str, float]] = {}
         for name, model_weights in models.items():
@@ -118,13 +120,13 @@ class Client:
             },
         )
 
-    def best_model(self) -> bytes:
+    def best_model(self) -> codec.Payload:
         weights = self.last_weights if self.last_weights is not None else self.model.state_dict()
         self.ctx.fire("send_best_model", weights=weights)
         return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
 
 
-def read_validation(payload: bytes, sender: str) -> tuple[int, dict[str, dict[str, float]]]:
+def read_validation(payload: codec.Payload, sender: str) -> tuple[int, dict[str, dict[str, float]]]:
     """Decode a client's validation results: ``(num_samples, model -> metric -> number)``."""
     _, meta = codec.decode(payload, what=f"validation results from {sender}")
     results, n = meta.get("results"), meta.get("num_samples")

@@ -7,6 +7,7 @@ header, and the extra metadata travels as one JSON string inside that header.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -14,60 +15,169 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
 from flcore.errors import CodecError
 
+#: What crosses between server and clients: a codec payload, in bytes or a writable buffer.
+Payload = bytes | bytearray
+
 META_KEY = "flcore"
+#: Largest header accepted: a header is names and shapes, never megabytes.
+MAX_HEADER = 100 * 1024 * 1024
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytes:
-    """Serialize a state dict and a JSON-able mapping into one payload."""
-    tensors: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, tensor in weights.items():
-        tensor = _plain(tensor)
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages and tensor.numel():
-            tensor = tensor.clone()  # tied weights: safetensors refuses shared storage
-        storages.add(storage)
-        tensors[name] = tensor
-    header = {META_KEY: json.dumps(meta or {}, separators=(",", ":"))}
-    return _st_save(tensors, metadata=header)
+def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytearray:
+    """Serialize a state dict and a JSON-able mapping into one safetensors payload.
+
+    The payload is a ``bytearray`` written in one pass (no intermediate copies), so that the
+    receiver can decode it without copying (:func:`decode` with ``copy=False``).
+    """
+    tensors = {name: _plain(t) for name, t in weights.items()}
+    # Largest items first, then by name (as safetensors does): every tensor stays aligned.
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {
+        "__metadata__": {META_KEY: json.dumps(meta or {}, separators=(",", ":"))}
+    }
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in NAMES:
+            raise CodecError(f"tensor {name!r}: dtype {t.dtype} cannot be serialized")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    start = 8 + len(text)
+    buffer = bytearray(start + offset)
+    buffer[:8] = len(text).to_bytes(8, "little")
+    buffer[8:start] = text
+    for name in order:
+        t = tensors[name]
+        begin, end = header[name]["data_offsets"]
+        if end > begin:
+            view = torch.frombuffer(
+                buffer, dtype=torch.uint8, count=end - begin, offset=start + begin
+            )
+            view.copy_(t.reshape(-1).view(torch.uint8))
+    return buffer
 
 
-def decode(payload: bytes, what: str = "payload") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a payload written by :func:`encode`; ``what`` names it in errors."""
+def decode(
+    payload: bytes | bytearray | memoryview, what: str = "payload", copy: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a payload written by :func:`encode` (or any safetensors file); ``what`` names it in
+    errors. With ``copy=False`` and a writable payload, tensors are views into it (no copy):
+    the caller then owns the payload and must not reuse it."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"{what}: expected bytes, got {type(payload).__name__}")
-    payload = bytes(payload)
-    if len(payload) < 8:
-        raise CodecError(f"{what}: truncated ({len(payload)} bytes, no safetensors header)")
+    size = len(payload)
+    if size < 8:
+        raise CodecError(f"{what}: truncated ({size} bytes, no safetensors header)")
     header_len = int.from_bytes(payload[:8], "little")
-    if header_len > len(payload) - 8:
-        raise CodecError(
-            f"{what}: truncated (header says {header_len} bytes, {len(payload) - 8} follow)"
-        )
+    if header_len > size - 8:
+        raise CodecError(f"{what}: truncated (header says {header_len} bytes, {size - 8} follow)")
+    if header_len > MAX_HEADER:
+        raise CodecError(f"{what}: header of {header_len} bytes is over the limit")
     try:
-        header = json.loads(payload[8 : 8 + header_len])
+        header = json.loads(bytes(payload[8 : 8 + header_len]))
     except ValueError as err:
         raise CodecError(f"{what}: malformed header: {err}") from err
     if not isinstance(header, dict):
         raise CodecError(f"{what}: malformed header: not a JSON object")
+    meta = _metadata(header.pop("__metadata__", None), what)
+    start = 8 + header_len
+    data_len = size - start
+    spans = []
+    for name, entry in header.items():
+        spans.append((*_span(name, entry, data_len, what), name))
+    spans.sort()
+    position = 0
+    for begin, end, _, _, name in spans:
+        if begin != position:
+            raise CodecError(
+                f"{what}: malformed or truncated tensors: {name!r} does not follow "
+                "the previous tensor"
+            )
+        position = end
+    if position != data_len:
+        raise CodecError(
+            f"{what}: malformed or truncated tensors: {data_len} data bytes, {position} described"
+        )
+    writable = isinstance(payload, bytearray) or (
+        isinstance(payload, memoryview) and not payload.readonly
+    )
+    tensors = {}
+    for begin, end, dtype, shape, name in spans:
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        if writable and not copy:
+            flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=start + begin)
+        else:
+            raw = bytearray(payload[start + begin : start + end])
+            flat = torch.frombuffer(raw, dtype=dtype, count=count)
+        tensors[name] = flat.reshape(shape)
+    return tensors, meta
+
+
+def _span(
+    name: str, entry: Any, data_len: int, what: str
+) -> tuple[int, int, torch.dtype, list[int]]:
+    if not isinstance(entry, dict):
+        raise CodecError(f"{what}: malformed header: entry {name!r} is not an object")
+    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if dtype is None:
+        raise CodecError(f"{what}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise CodecError(f"{what}: tensor {name!r} has a malformed shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
+        raise CodecError(f"{what}: tensor {name!r} has malformed data offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise CodecError(
+            f"{what}: malformed or truncated tensors: {name!r} lies outside the "
+            f"{data_len} data bytes"
+        )
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CodecError(f"{what}: tensor {name!r}: {end - begin} bytes for shape {shape}")
+    return begin, end, dtype, shape
+
+
+def _metadata(raw: Any, what: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CodecError(f"{what}: malformed metadata: not a JSON object")
     try:
-        tensors = _st_load(payload)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CodecError(f"{what}: malformed or truncated tensors: {err}") from err
-    meta_text = (header.get("__metadata__") or {}).get(META_KEY, "{}")
-    try:
-        meta = json.loads(meta_text)
-    except ValueError as err:
+        meta = json.loads(raw.get(META_KEY, "{}"))
+    except (TypeError, ValueError) as err:
         raise CodecError(f"{what}: malformed metadata: {err}") from err
     if not isinstance(meta, dict):
         raise CodecError(f"{what}: malformed metadata: not a JSON object")
-    return tensors, meta
+    return meta
 
 
 def save_file(
@@ -87,7 +197,7 @@ def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return decode(payload, what=str(path))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | bytearray) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -103,7 +213,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    # safetensors refuses views that share storage or are not contiguous.
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()

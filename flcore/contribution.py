@@ -27,7 +27,7 @@ class Contribution:
         """The same contribution with its weights dropped (``delete_local_models_after_aggregation``)."""
         return attrs.evolve(self, weights={})
 
-    def encode(self) -> bytes:
+    def encode(self) -> bytearray:
         meta = {
             "kind": "contribution",
             "client_id": self.client_id,
@@ -42,9 +42,12 @@ class Contribution:
             raise CodecError(f"contribution of {self.client_id}: metrics not JSON: {err}") from err
 
     @classmethod
-    def decode(cls, payload: bytes, sender: str) -> Contribution:
-        """Decode a payload from ``sender``; any malformed field is a :class:`CodecError`."""
-        weights, meta = codec.decode(payload, what=f"contribution from {sender}")
+    def decode(cls, payload: bytes | bytearray, sender: str) -> Contribution:
+        """Decode a payload from ``sender``; any malformed field is a :class:`CodecError`.
+
+        The weights are views into ``payload`` when it is writable: the reply becomes the
+        contribution, with no second copy of the model."""
+        weights, meta = codec.decode(payload, what=f"contribution from {sender}", copy=False)
         if meta.get("kind") != "contribution":
             raise CodecError(f"contribution from {sender}: payload is not a contribution")
         fields = {
@@ -82,7 +85,7 @@ def validate(
     """Raise :class:`ContributionRefused` with the reason when ``contribution`` may not count.
 
     ``reference`` is the global model the round started from; ``received`` the clients
-    whose contribution this round was already accepted.
+    whose reply this round already counted (accepted or refused).
     """
     who = contribution.client_id
     if who not in clients:
@@ -93,7 +96,7 @@ def validate(
             f"{who}: wrong round {contribution.round} ({late}; the current round is {round})"
         )
     if who in received:
-        raise ContributionRefused(f"{who}: duplicate contribution for round {round}")
+        raise ContributionRefused(f"{who}: duplicate reply for round {round}")
     if contribution.num_samples <= 0:
         raise ContributionRefused(f"{who}: non-positive sample count {contribution.num_samples}")
     if contribution.local_iterations < 0:

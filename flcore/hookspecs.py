@@ -247,7 +247,9 @@ def local_train(ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, 
 
 
 @hookspec(firstresult=True)
-def client_request(ctx: FLContext, request: str, payload: bytes) -> bytes | None:
+def client_request(
+    ctx: FLContext, request: str, payload: bytes | bytearray
+) -> bytes | bytearray | None:
     """Answer a request the core's client does not know (a plugin's own round).
 
     Side: client. The core's client answers ``train``, ``validate`` and ``best_model``;

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from flcore import codec
+from flcore.aggregation import OrderedFold, WeightedMean
 from flcore.contribution import Contribution, validate
 from flcore.errors import CodecError, ContributionRefused, FLCoreError, RoundFailed
 from flcore.options import TrainerOptions
@@ -140,16 +141,36 @@ class ModelTrainer:
         self.train_clients()
         self.dispatch(TrainingRoundFinished)
 
+    def streams(self) -> bool:
+        """FedAvg folds contributions in as they arrive unless a plugin answers ``aggregate``
+        (then it gets every contribution, weights included)."""
+        return all(n.startswith("core.") for n, _ in self.ctx.chain.implementations("aggregate"))
+
     def train_clients(self) -> None:
-        """Run the clients' local training; keep the contributions that pass validation."""
+        """Run the clients' local training; keep the contributions that pass validation.
+
+        A client's first reply in a round is the one that counts: accepted or refused, a
+        later one is refused as a duplicate.
+        """
         ctx = self.ctx
-        payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": ctx.round})
         clients = self.training.clients
-        received: set[str] = set()
+        keep = not self.options.delete_local_models_after_aggregation
+        fold = OrderedFold(
+            clients,
+            WeightedMean() if self.streams() else None,
+            (lambda c: self.training.save_local_model(ctx.round, c.client_id, c.weights))
+            if keep
+            else None,
+        )
+        known = set(clients)
+        settled: set[str] = set()
         refused: list[str] = []
-        for result in self.runtime.run(ctx, "train", payload, clients):
+        payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": ctx.round})
+        replies = self.runtime.run(ctx, "train", payload, clients)
+        del payload  # the runtime holds it only as long as it needs it
+        for result in replies:
             try:
-                contribution = self.accept(result, received)
+                contribution = self.accept(result, settled)
             except (ContributionRefused, CodecError) as err:
                 refused.append(str(err))
                 ctx.log.warning(
@@ -158,14 +179,15 @@ class ModelTrainer:
                     round=ctx.round,
                     reason=str(err),
                 )
+                if result.client_id in known and result.client_id not in settled:
+                    settled.add(result.client_id)
+                    fold.settle(result.client_id, None)
                 continue
-            received.add(contribution.client_id)
-            ctx.contributions.append(contribution)
-        # Replies arrive in any order; the round proceeds in client order, so that every
-        # runtime aggregates the same sum in the same order (byte-identical results).
-        order = {name: i for i, name in enumerate(clients)}
-        ctx.contributions.sort(key=lambda c: order[c.client_id])
-        ctx.metrics["clients"] = sorted(received)
+            settled.add(contribution.client_id)
+            fold.settle(contribution.client_id, contribution)
+        ctx.contributions = fold.finish()
+        self.training.round_mean = fold.mean
+        ctx.metrics["clients"] = [c.client_id for c in ctx.contributions]
         if refused:
             ctx.metrics["refused"] = refused
 
@@ -202,15 +224,16 @@ class ModelTrainer:
                 f"refused: {ctx.metrics.get('refused', [])}"
             )
         ctx.fire("before_aggregation")
-        new = ctx.ask("aggregate", contributions=list(ctx.contributions))
+        mean, self.training.round_mean = self.training.round_mean, None
+        if mean is not None:
+            new = mean.result()  # FedAvg, folded while the contributions arrived
+        else:
+            new = ctx.ask("aggregate", contributions=list(ctx.contributions))
         if new is None:
             raise RoundFailed(f"round {ctx.round}: no plugin answered 'aggregate'")
         problems = _mismatches(new, ctx.global_model)
         if problems:
             raise RoundFailed(f"round {ctx.round}: aggregate returned a bad model: {problems}")
-        if not self.options.delete_local_models_after_aggregation:
-            for c in ctx.contributions:
-                self.training.save_local_model(ctx.round, c.client_id, c.weights)
         ctx.global_model = dict(new)
         ctx.fire("after_aggregation")
         if self.options.delete_local_models_after_aggregation:

@@ -47,6 +47,8 @@ class Training:
         self.finished = False
         self.history: list[dict[str, Any]] = []
         self.runtime: Any = None
+        #: The round's streaming FedAvg, folded while contributions arrive (None: batch).
+        self.round_mean: Any = None
 
     @classmethod
     def get(cls, training_id: str) -> Training:

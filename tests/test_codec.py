@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,100 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
         codec.save_file(path, model_weights(), {"round": object()})
     assert codec.load_file(path)[1] == {"round": 1}
     assert json.loads(json.dumps(codec.load_file(path)[1])) == {"round": 1}
+
+
+def test_payloads_are_safetensors_both_ways() -> None:
+    from safetensors.torch import load, save
+
+    weights = {
+        "a": torch.randn(3, 2),
+        "b": torch.arange(4, dtype=torch.int64),
+        "c": torch.tensor(True),
+        "d": torch.randn(2).to(torch.bfloat16),
+    }
+    theirs = load(bytes(codec.encode(weights, {"round": 1})))
+    ours, meta = codec.decode(save(weights, metadata={"flcore": '{"round": 2}'}))
+    assert meta == {"round": 2}
+    for name, tensor in weights.items():
+        assert torch.equal(theirs[name], tensor) and torch.equal(ours[name], tensor)
+
+
+def test_decoding_without_copy_shares_the_payload_and_with_copy_does_not() -> None:
+    payload = codec.encode({"w": torch.zeros(4)})
+    shared, _ = codec.decode(payload, copy=False)
+    private, _ = codec.decode(payload)
+    shared["w"].add_(1)
+    assert torch.equal(codec.decode(payload)[0]["w"], torch.ones(4))
+    assert torch.equal(private["w"], torch.zeros(4))
+    readonly, _ = codec.decode(bytes(payload), copy=False)  # bytes cannot be shared: copied
+    readonly["w"].add_(1)
+
+
+def _with_header(header: dict, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        (
+            {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            "unknown dtype 'C64'",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "malformed shape",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}},
+            b"\0" * 4,
+            "malformed data offsets",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "4 bytes for shape [2]",
+        ),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4, "lies outside"),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\0" * 4,
+            "does not follow",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+            b"\0" * 8,
+            "does not follow",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            b"\0" * 8,
+            "8 data bytes, 4 described",
+        ),
+        ({"w": 3}, b"", "entry 'w' is not an object"),
+        ({"__metadata__": [1]}, b"", "malformed metadata"),
+    ],
+)
+def test_malformed_tensor_tables_are_refused(header: dict, data: bytes, message: str) -> None:
+    with pytest.raises(CodecError, match=re.escape(message)):
+        codec.decode(_with_header(header, data))
+
+
+def test_damaged_payloads_only_ever_raise_codec_errors() -> None:
+    import random
+
+    payload = bytes(codec.encode(model_weights(), {"round": 1}))
+    rng = random.Random(0)
+    for _ in range(300):
+        damaged = bytearray(payload)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        cut = rng.choice([len(damaged), rng.randrange(len(damaged) + 1)])
+        with contextlib.suppress(CodecError):
+            codec.decode(bytes(damaged[:cut]))

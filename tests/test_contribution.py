@@ -60,7 +60,7 @@ def inf_weights() -> dict:
         ({"client_id": "mallory"}, set(), "unknown client 'mallory'"),
         ({"round": 1}, set(), "client-0: wrong round 1 (late; the current round is 2)"),
         ({"round": 3}, set(), "wrong round 3 (from the future"),
-        ({}, {"client-0"}, "client-0: duplicate contribution for round 2"),
+        ({}, {"client-0"}, "client-0: duplicate reply for round 2"),
         ({"num_samples": 0}, set(), "non-positive sample count 0"),
         ({"num_samples": -5}, set(), "non-positive sample count -5"),
         ({"local_iterations": -1}, set(), "negative local iteration count"),

@@ -29,7 +29,8 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class TamperingRuntime(EmbeddedRuntime):
-    """The embedded runtime, plus a forged reply of every bad kind before the genuine ones."""
+    """The embedded runtime, where clients 1-10 send one forged reply of every bad kind in
+    round 1, a stranger chimes in, and client-0's reply arrives twice."""
 
     def run(
         self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
@@ -42,9 +43,9 @@ class TamperingRuntime(EmbeddedRuntime):
         w = dict(good.weights)
         name = "0.weight"  # a matrix, so that a reshape changes its shape
 
-        def forged(**changes: Any) -> bytes:
+        def forged(client: str, **changes: Any) -> bytes:
             fields = {
-                "client_id": "client-1",
+                "client_id": client,
                 "round": 1,
                 "weights": w,
                 "num_samples": 5,
@@ -52,22 +53,28 @@ class TamperingRuntime(EmbeddedRuntime):
                 "metrics": {},
             }
             fields.update(changes)
-            return Contribution(**fields).encode()
+            return bytes(Contribution(**fields).encode())
 
         nan = {**w, name: torch.full_like(w[name], float("nan"))}
-        yield ClientResult("mallory", forged(client_id="mallory"))
-        yield ClientResult("client-1", forged(round=0))
-        yield ClientResult("client-1", forged(weights={k: v for k, v in w.items() if k != name}))
-        yield ClientResult("client-1", forged(weights={**w, "extra": torch.zeros(1)}))
-        yield ClientResult("client-1", forged(weights={**w, name: w[name].reshape(-1)}))
-        yield ClientResult("client-1", forged(weights={**w, name: w[name].double()}))
-        yield ClientResult("client-1", forged(weights=nan))
-        yield ClientResult("client-1", forged(num_samples=0))
-        yield ClientResult("client-1", forged(client_id="client-2"))
-        yield ClientResult("client-1", forged()[:-10])
-        yield ClientResult("client-1", None, "connection reset")
-        yield from replies
+        bad = [
+            ("client-1", forged("client-1", round=0)),
+            ("client-2", forged("client-2", weights={k: v for k, v in w.items() if k != name})),
+            ("client-3", forged("client-3", weights={**w, "extra": torch.zeros(1)})),
+            ("client-4", forged("client-4", weights={**w, name: w[name].reshape(-1)})),
+            ("client-5", forged("client-5", weights={**w, name: w[name].double()})),
+            ("client-6", forged("client-6", weights=nan)),
+            ("client-7", forged("client-7", num_samples=0)),
+            ("client-8", forged("client-2")),
+            ("client-9", forged("client-9")[:-10]),
+            ("client-10", None),
+        ]
+        yield replies[0]
+        yield ClientResult("mallory", forged("mallory"))
+        for client, reply in bad:
+            yield ClientResult(client, reply, None if reply else "connection reset")
+        yield replies[11]
         yield ClientResult("client-0", replies[0].payload)  # a duplicate
+        yield replies[1]  # a genuine reply after a refused one does not count either
 
 
 class Tamper:
@@ -80,33 +87,35 @@ def test_each_bad_contribution_is_refused_with_its_reason_and_the_round_complete
     tmp_path: Path,
 ) -> None:
     result = run_job(
-        small_job(["tamper"], job={"rounds": 2}),
+        small_job(["tamper"], job={"rounds": 2, "clients": 12, "min_clients": 2}),
         out=tmp_path / "run",
         extra_plugins={"tamper": Tamper()},
     )
     first = result.history[0]
-    assert first["clients"] == ["client-0", "client-1", "client-2"]
+    assert first["clients"] == ["client-0", "client-11"]
     reasons = first["refused"]
     expected = [
         "unknown client 'mallory'",
         "client-1: wrong round 0 (late; the current round is 1)",
-        "client-1: missing tensors",
-        "client-1: unexpected tensors ['extra']",
-        "has shape",
-        "has dtype torch.float64, expected torch.float32",
-        "has NaN or infinite values",
-        "client-1: non-positive sample count 0",
-        "client-1: claims to be 'client-2'",
-        "contribution from client-1: malformed or truncated tensors",
-        "client-1: client failed: connection reset",
-        "client-0: duplicate contribution for round 1",
+        "client-2: missing tensors ['0.weight']",
+        "client-3: unexpected tensors ['extra']",
+        "client-4: tensor '0.weight' has shape",
+        "client-5: tensor '0.weight' has dtype torch.float64, expected torch.float32",
+        "client-6: tensor '0.weight' has NaN or infinite values",
+        "client-7: non-positive sample count 0",
+        "client-8: claims to be 'client-2'",
+        "contribution from client-9: malformed or truncated tensors",
+        "client-10: client failed: connection reset",
+        "client-0: duplicate reply for round 1",
+        "client-1: duplicate reply for round 1",
     ]
-    assert len(reasons) == len(expected)
+    assert len(reasons) == len(expected), reasons
     for reason, part in zip(reasons, expected, strict=True):
         assert part in reason
     logged = [e["reason"] for e in events(result.run_dir) if e["event"] == "contribution_refused"]
     assert logged == reasons
     assert [m["round"] for m in metrics(result.run_dir)] == [1, 2]
+    assert len(result.history[1]["clients"]) == 12  # the next round is untouched
 
 
 class FailingClient:
@@ -195,6 +204,8 @@ def test_one_client_one_round_equals_training_directly(tmp_path: Path) -> None:
     fed, _ = codec.load_file(result.global_model_path)
 
     task = Task(hidden=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.job.threads)  # as the clients train: results depend on it
     torch.manual_seed(7)
     model = task.model()
     data = task.client_data(0, 1)
@@ -210,6 +221,7 @@ def test_one_client_one_round_equals_training_directly(tmp_path: Path) -> None:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    torch.set_num_threads(threads)
     direct = model.state_dict()
     assert set(fed) == set(direct)
     for name, tensor in direct.items():

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from flcore.codec import Payload
+
 if TYPE_CHECKING:
     from flcore.context import FLContext
 
@@ -19,7 +21,7 @@ class ClientResult:
     """One client's reply: a codec payload, or the reason it has none."""
 
     client_id: str
-    payload: bytes | None = attrs.field(default=None, repr=False)
+    payload: Payload | None = attrs.field(default=None, repr=False)
     error: str | None = None
 
 
@@ -32,9 +34,13 @@ class Runtime(ABC):
 
     @abstractmethod
     def run(
-        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
-        """Send ``request`` with ``payload`` to ``clients``; yield replies as they come."""
+        """Send ``request`` with ``payload`` to ``clients``; yield replies as they come.
+
+        Every client answers once per request: with a reply, or with an error (a failed or
+        vanished client). Replies may come in any order.
+        """
 
     @abstractmethod
     def stop(self, ctx: FLContext) -> None:

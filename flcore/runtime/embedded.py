@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 from flcore.client import Client
+from flcore.codec import Payload
 from flcore.context import FLContext
 from flcore.errors import FLCoreError
 from flcore.runtime.base import ClientResult, Runtime
@@ -31,7 +32,7 @@ class EmbeddedRuntime(Runtime):
         return list(self.clients)
 
     def run(
-        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         for name in clients:
             try:

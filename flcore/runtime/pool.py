@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from flcore.client import client_name
+from flcore.codec import Payload
 from flcore.context import FLContext
 from flcore.errors import FLCoreError, JobError
 from flcore.runtime.base import ClientResult, Runtime
 
 
-def _send(conn: Connection, header: dict[str, Any], payload: bytes | None = None) -> None:
+def _send(conn: Connection, header: dict[str, Any], payload: Payload | None = None) -> None:
     conn.send_bytes(json.dumps(header).encode())
     if payload is not None:
         conn.send_bytes(payload)
@@ -78,7 +79,7 @@ def worker_main(
             except Exception as err:
                 _send(conn, {"client": name, "error": f"{type(err).__name__}: {err}"})
             else:
-                _send(conn, {"client": name}, reply)
+                _send(conn, {"client": name, "size": len(reply)}, reply)
         _send(conn, {"done": True})
 
 
@@ -160,7 +161,7 @@ class ProcessPoolRuntime(Runtime):
         return [client_name(i) for i in range(n_clients)]
 
     def run(
-        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         by_worker: dict[int, list[str]] = {}
         for name in clients:
@@ -174,6 +175,7 @@ class ProcessPoolRuntime(Runtime):
             except (BrokenPipeError, OSError):
                 for name in names:
                     yield ClientResult(name, error=f"worker {w} is gone")
+        del payload  # sent to every worker: the server need not hold it while they train
         while pending:
             for ready in wait(list(pending)):
                 conn = cast(Connection, ready)
@@ -183,7 +185,11 @@ class ProcessPoolRuntime(Runtime):
                         del pending[conn]
                         continue
                     name = header["client"]
-                    reply = None if "error" in header else conn.recv_bytes()
+                    reply = None
+                    if "error" not in header:
+                        # received into a buffer of our own: the contribution can view it
+                        reply = bytearray(header["size"])
+                        conn.recv_bytes_into(reply)
                 except (EOFError, OSError):
                     for name in pending.pop(conn):
                         yield ClientResult(name, error="its worker process died")
