@@ -109,7 +109,9 @@ def receive_contribution(ctx: FLContext, contribution: Contribution) -> bool | s
     """A client's contribution arrived and passed the core's validation.
 
     Side: server. Return ``False`` or a reason (``str``) to refuse it: it is
-    logged and left out of the round. ``None`` or ``True`` accepts it.
+    logged and left out of the round. ``None`` or ``True`` accepts it. This is the
+    one place that sees every contribution with its weights (clip or inspect them
+    here): they are folded into the mean right after.
     """
 
 
@@ -118,7 +120,10 @@ def before_aggregation(ctx: FLContext) -> None:
     """The round's accepted contributions (``ctx.contributions``) are about to be aggregated.
 
     Side: server. Clara's ``ModelSelectionHandler`` reads the clients' validation
-    metrics here.
+    metrics here. The core's FedAvg folds each contribution into its mean as it
+    arrives, so here contributions carry their metrics but no weights, unless a
+    plugin answers ``aggregate``; a plugin that must see or change weights does so
+    in ``receive_contribution``.
     """
 
 
