@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,15 +31,28 @@ def test_workers_give_byte_identical_weights_to_the_embedded_runtime(tmp_path: P
 
 
 def test_plugins_given_in_python_cannot_cross_into_workers(tmp_path: Path) -> None:
-    class Local:
-        @hookimpl
-        def end_round(self, ctx: object) -> None: ...
+    rounds: list[int] = []
 
-    with pytest.raises(JobError, match=r"plugins \['local'\] were given in Python"):
+    class ServerOnly:
+        @hookimpl
+        def end_round(self, ctx: Any) -> None:
+            rounds.append(ctx.round)
+
+    class ClientSide:
+        @hookimpl
+        def receive_model(self, ctx: Any) -> None: ...
+
+    run_job(
+        small_job(["server"], job={"workers": 2}),
+        out=tmp_path / "ok",
+        extra_plugins={"server": ServerOnly()},
+    )
+    assert rounds == [1, 2]  # a plugin with server hooks only stays in the server: fine
+    with pytest.raises(JobError, match=r"plugins \['client'\] were given in Python"):
         run_job(
-            small_job(["local"], job={"workers": 2}),
+            small_job(["client"], job={"workers": 2}),
             out=tmp_path / "run",
-            extra_plugins={"local": Local()},
+            extra_plugins={"client": ClientSide()},
         )
 
 

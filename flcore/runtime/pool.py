@@ -24,6 +24,18 @@ from flcore.context import FLContext
 from flcore.errors import FLCoreError, JobError
 from flcore.runtime.base import ClientResult, Runtime
 
+#: Hooks that run where the clients are: a plugin with one of them must be loadable there.
+CLIENT_HOOKS = (
+    "receive_model",
+    "receive_validation_models",
+    "send_validation_results",
+    "send_best_model",
+    "local_train",
+    "evaluate",
+    "predict",
+    "client_request",
+)
+
 
 def _send(conn: Connection, header: dict[str, Any], payload: Payload | None = None) -> None:
     conn.send_bytes(json.dumps(header).encode())
@@ -107,6 +119,17 @@ def _context(task_module: str) -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def _without(raw: Any, plugins: list[str]) -> str:
+    """The job as TOML for the workers, without the named plugins."""
+    from flcore.job import dump_toml
+
+    section = dict(raw.get("plugins", {}))
+    section["chain"] = [n for n in section.get("chain", []) if n not in plugins]
+    for name in plugins:
+        section.pop(name, None)
+    return dump_toml({**raw, "plugins": section})
+
+
 class ProcessPoolRuntime(Runtime):
     """``[job] workers = N``: N worker processes, clients dealt to them round-robin."""
 
@@ -117,17 +140,19 @@ class ProcessPoolRuntime(Runtime):
         self.assignment: dict[str, int] = {}
 
     def start(self, ctx: FLContext) -> list[str]:
-        extra = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
-        if extra:
+        given = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
+        client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx.chain.implementations(hook)}
+        if client_side & set(given):
             raise JobError(
-                f"{ctx.job.where('job')}.workers: plugins {extra} were given in Python, not "
-                "installed, so worker processes cannot load them; install them or set workers = 0"
+                f"{ctx.job.where('job')}.workers: plugins {sorted(client_side & set(given))} were "
+                "given in Python, not installed, and have client-side hooks that worker "
+                "processes cannot load; install them or set workers = 0"
             )
         n_clients = ctx.job.job.clients
         workers = min(self.workers, n_clients)
         threads = ctx.job.job.threads
         mp = _context(ctx.job.job.task.partition(":")[0])
-        job_text = ctx.job.to_toml()
+        job_text = _without(ctx.job.raw, given)  # server-only plugins stay in the server
         for w in range(workers):
             indices = list(range(w, n_clients, workers))
             parent, child = mp.Pipe()
