@@ -1,7 +1,6 @@
 """Turning what clients report into one score: read each metric, weigh it, take the mean.
 
-Pure functions over plain values, so the arithmetic the issue specifies can be checked by
-hand. A client's value that cannot count (missing, not a number, not finite) is skipped with
+Pure functions over plain values, so that the arithmetic can be checked by hand. A client's value that cannot count (missing, not a number, not finite) is skipped with
 a reason, never guessed: one bad client must not decide which model is kept.
 """
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flcore_model_selection import ModelSelectionHandler, ModelSelectionSettings
+from flcore_model_selection import BestModel, ModelSelectionHandler, ModelSelectionSettings
 from selection_support import (
     ClientMetric,
     Degrade,
@@ -98,6 +98,9 @@ def test_best_model_is_the_round_with_the_best_weighted_metric(degraded: Any) ->
         c: {"value": v, "weight": 1.0} for c, v in recorder.values()[2].items()
     }
     assert record["skipped"] == {}
+    assert BestModel.from_json(record).to_json() == {
+        k: v for k, v in record.items() if k not in ("file", "sha256")
+    }
     payload = (run_dir / "best_model.safetensors").read_bytes()
     assert record["sha256"] == hashlib.sha256(payload).hexdigest()
     assert list(run_dir.glob(".best_model*")) == []  # round-start copies go with each round
