@@ -40,19 +40,17 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
-def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytearray:
-    """Serialize a state dict and a JSON-able mapping into one safetensors payload.
-
-    The payload is a ``bytearray`` written in one pass (no intermediate copies), so that the
-    receiver can decode it without copying (:func:`decode` with ``copy=False``).
-    """
+def _layout(
+    weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None
+) -> tuple[bytes, list[tuple[int, torch.Tensor]]]:
+    """The header (length prefix included) and ``(offset, tensor)`` of the data, in order."""
     tensors = {name: _plain(t) for name, t in weights.items()}
     # Largest items first, then by name (as safetensors does): every tensor stays aligned.
     order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header: dict[str, Any] = {
         "__metadata__": {META_KEY: json.dumps(meta or {}, separators=(",", ":"))}
     }
-    offset = 0
+    offset, layout = 0, []
     for name in order:
         t = tensors[name]
         if t.dtype not in NAMES:
@@ -63,21 +61,37 @@ def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }
+        layout.append((offset, t))
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    start = 8 + len(text)
-    buffer = bytearray(start + offset)
-    buffer[:8] = len(text).to_bytes(8, "little")
-    buffer[8:start] = text
-    for name in order:
-        t = tensors[name]
-        begin, end = header[name]["data_offsets"]
-        if end > begin:
+    return len(text).to_bytes(8, "little") + text, layout
+
+
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytearray:
+    """Serialize a state dict and a JSON-able mapping into one safetensors payload.
+
+    The payload is a ``bytearray`` written in one pass (no intermediate copies), so that the
+    receiver can decode it without copying (:func:`decode` with ``copy=False``).
+    """
+    head, layout = _layout(weights, meta)
+    size = sum(t.numel() * t.element_size() for _, t in layout)
+    buffer = bytearray(len(head) + size)
+    buffer[: len(head)] = head
+    for offset, t in layout:
+        if t.numel():
             view = torch.frombuffer(
-                buffer, dtype=torch.uint8, count=end - begin, offset=start + begin
+                buffer,
+                dtype=torch.uint8,
+                count=t.numel() * t.element_size(),
+                offset=len(head) + offset,
             )
-            view.copy_(t.reshape(-1).view(torch.uint8))
+            view.copy_(_raw(t))
     return buffer
 
 
@@ -183,8 +197,17 @@ def _metadata(raw: Any, what: str) -> dict[str, Any]:
 def save_file(
     path: str | Path, weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
 ) -> None:
-    """Write a payload to ``path`` atomically: a crash leaves the old file or the new one."""
-    write_atomic(Path(path), encode(weights, meta))
+    """Write a payload to ``path`` atomically: a crash leaves the old file or the new one.
+    Tensors are written straight from their memory, never gathered into one buffer first."""
+    head, layout = _layout(weights, meta)
+
+    def write(fh: Any) -> None:
+        fh.write(head)
+        for _, t in layout:
+            if t.numel():
+                fh.write(_raw(t).numpy().data)
+
+    _write_atomic(Path(path), write)
 
 
 def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -199,11 +222,15 @@ def load_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def write_atomic(path: Path, data: bytes | bytearray) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    _write_atomic(path, lambda fh: fh.write(data))
+
+
+def _write_atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

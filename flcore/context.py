@@ -20,12 +20,20 @@ if TYPE_CHECKING:
 
 @attrs.frozen
 class RoundSnapshot:
-    """The round state taken at a round's start; restoring it is what a rollback restores."""
+    """The round state taken at a round's start; restoring it is what a rollback restores.
+
+    With a run directory the global model is held by reference, not copied (a copy per
+    round is memory the server need not spend): the trainer replaces the global model, it
+    never edits it. Should a plugin have edited it in place anyway (its version counter
+    moved), the model is read back from the last committed ``global_model.safetensors``,
+    which is the round's starting model.
+    """
 
     round: int
     global_model: Mapping[str, torch.Tensor]
     state: dict[str, Any]
     metrics: dict[str, Any]
+    versions: Mapping[str, int] | None = None
 
 
 @attrs.define(eq=False)
@@ -80,12 +88,18 @@ class FLContext:
         return self.chain.ask(hook, self, **kwargs)
 
     def take_snapshot(self) -> RoundSnapshot:
-        """Remember the round state; tensors are cloned, so in-place edits cannot leak back."""
+        """Remember the round state (see :class:`RoundSnapshot` for how the model is kept)."""
+        by_reference = self.run_dir is not None
         self.snapshot_ = RoundSnapshot(
             round=self.round,
-            global_model={k: v.clone() for k, v in self.global_model.items()},
+            global_model=dict(self.global_model)
+            if by_reference
+            else {k: v.clone() for k, v in self.global_model.items()},
             state=copy.deepcopy(self.state),
             metrics=copy.deepcopy(self.metrics),
+            versions={k: v._version for k, v in self.global_model.items()}
+            if by_reference
+            else None,
         )
         return self.snapshot_
 
@@ -95,8 +109,27 @@ class FLContext:
         if snap is None:
             return
         self.round = snap.round
-        self.global_model = {k: v.clone() for k, v in snap.global_model.items()}
+        self.global_model = self._snapshot_model(snap)
         self.state = copy.deepcopy(snap.state)
         self.metrics = copy.deepcopy(snap.metrics)
         self.contributions = []
         self.client_tests = {}
+
+    def _snapshot_model(self, snap: RoundSnapshot) -> dict[str, torch.Tensor]:
+        if snap.versions is None:
+            return {k: v.clone() for k, v in snap.global_model.items()}
+        if all(v._version == snap.versions[k] for k, v in snap.global_model.items()):
+            return dict(snap.global_model)
+        from flcore import codec
+        from flcore.errors import RoundFailed
+
+        assert self.run_dir is not None
+        path = self.run_dir / "global_model.safetensors"
+        weights, meta = codec.load_file(path)
+        if meta.get("round") != snap.round:
+            raise RoundFailed(
+                f"the global model was edited in place during round {snap.round + 1} and "
+                f"{path} holds round {meta.get('round')}, not {snap.round}: cannot restore it"
+            )
+        self.log.warning("global_model_reloaded", round=snap.round, reason="edited in place")
+        return weights

@@ -74,6 +74,13 @@ class Contribution:
         )
 
 
+def all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
+    """No NaN or infinity in ``tensor``; checked a block at a time, since ``isfinite`` of a
+    whole tensor makes temporaries several times its size."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
+
+
 def validate(
     contribution: Contribution,
     *,
@@ -120,5 +127,5 @@ def validate(
             raise ContributionRefused(
                 f"{who}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}"
             )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        if got.is_floating_point() and not all_finite(got):
             raise ContributionRefused(f"{who}: tensor {name!r} has NaN or infinite values")

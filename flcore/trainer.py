@@ -182,9 +182,11 @@ class ModelTrainer:
                 if result.client_id in known and result.client_id not in settled:
                     settled.add(result.client_id)
                     fold.settle(result.client_id, None)
-                continue
-            settled.add(contribution.client_id)
-            fold.settle(contribution.client_id, contribution)
+            else:
+                settled.add(contribution.client_id)
+                fold.settle(contribution.client_id, contribution)
+                del contribution
+            del result  # a reply is the size of the model: never hold two
         ctx.contributions = fold.finish()
         self.training.round_mean = fold.mean
         ctx.metrics["clients"] = [c.client_id for c in ctx.contributions]

@@ -91,6 +91,12 @@ class Training:
         started = False
         try:
             ctx.global_model = self.initial_model()
+            if self.run_dir is not None:  # round 0: what a rollback of round 1 restores
+                codec.save_file(
+                    self.run_dir / GLOBAL_MODEL,
+                    ctx.global_model,
+                    {"round": 0, "job": self.job.job.name},
+                )
             if self.runtime is None:
                 self.check()
             self._guard(lambda: ctx.fire("startup"), "startup")
@@ -146,7 +152,7 @@ class Training:
             + (f" in {self.run_dir}" if self.run_dir else "")
             + f" ({GLOBAL_MODEL}, {CHECKPOINT})."
             if self.completed_round
-            else "No round had completed; nothing was saved but the job and the event log."
+            else "No round had completed; the run directory holds the initial model (round 0)."
         )
         action = (
             "rolled back and the run stopped"

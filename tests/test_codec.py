@@ -207,3 +207,14 @@ def test_damaged_payloads_only_ever_raise_codec_errors() -> None:
         cut = rng.choice([len(damaged), rng.randrange(len(damaged) + 1)])
         with contextlib.suppress(CodecError):
             codec.decode(bytes(damaged[:cut]))
+
+
+def test_a_file_holds_exactly_the_payload(tmp_path: Path) -> None:
+    weights = {
+        **model_weights(),
+        "flag": torch.tensor([True, False]),
+        "half": torch.ones(3, dtype=torch.bfloat16),
+        "empty": torch.zeros(0),
+    }
+    codec.save_file(tmp_path / "m.safetensors", weights, {"round": 4})
+    assert (tmp_path / "m.safetensors").read_bytes() == bytes(codec.encode(weights, {"round": 4}))

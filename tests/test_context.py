@@ -26,3 +26,34 @@ def test_a_snapshot_restores_round_model_state_and_metrics() -> None:
     assert torch.equal(ctx.global_model["w"], torch.ones(2))
     assert ctx.state == {"p": {"best": 0.5}} and ctx.metrics == {"x": 1}
     assert ctx.client_tests == {} and ctx.contributions == []
+
+
+def test_with_a_run_directory_the_model_is_kept_by_reference_and_reread_if_edited(
+    tmp_path,
+) -> None:
+    from flcore import codec
+
+    chain = Chain([])
+    ctx = FLContext(job=small_job(), task=None, chain=chain, log=make_logger(), run_dir=tmp_path)  # type: ignore[arg-type]
+    ctx.round = 3
+    model = {"w": torch.ones(2)}
+    ctx.global_model = model
+    codec.save_file(tmp_path / "global_model.safetensors", model, {"round": 3})
+    snap = ctx.take_snapshot()
+    assert snap.global_model["w"] is model["w"]  # no copy
+    ctx.global_model = {"w": torch.zeros(2)}  # replaced, as the trainer does
+    ctx.restore_snapshot()
+    assert ctx.global_model["w"] is model["w"]
+    ctx.take_snapshot()
+    ctx.global_model["w"].mul_(7)  # edited in place, as a careless plugin might
+    ctx.restore_snapshot()
+    assert torch.equal(ctx.global_model["w"], torch.ones(2))  # read back from the file
+    ctx.take_snapshot()
+    ctx.global_model["w"].mul_(7)
+    codec.save_file(tmp_path / "global_model.safetensors", model, {"round": 2})
+    import pytest
+
+    from flcore.errors import RoundFailed
+
+    with pytest.raises(RoundFailed, match="edited in place during round 4"):
+        ctx.restore_snapshot()

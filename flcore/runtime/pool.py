@@ -2,7 +2,7 @@
 
 Each worker builds its own chain from the job (a PluginManager cannot be pickled), loads
 its clients' data once, and answers requests over a pipe. Models cross as the codec's bytes
-(``send_bytes``/``recv_bytes``, never pickled), one copy per worker per request, and replies
+(a JSON header, then raw bytes; never pickled), one copy per worker per request, and replies
 are yielded as each client finishes, so the trainer folds them in while others still train.
 """
 
@@ -38,9 +38,31 @@ CLIENT_HOOKS = (
 
 
 def _send(conn: Connection, header: dict[str, Any], payload: Payload | None = None) -> None:
+    """A JSON header as one message; a payload follows as raw bytes, its size in the header."""
+    if payload is not None:
+        header = {**header, "size": len(payload)}
     conn.send_bytes(json.dumps(header).encode())
     if payload is not None:
-        conn.send_bytes(payload)
+        view, fd = memoryview(payload), conn.fileno()
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _receive(conn: Connection) -> tuple[dict[str, Any], bytearray | None]:
+    """The header, and the payload read straight into a buffer of our own: recv_bytes would
+    gather it in a BytesIO and copy it out, holding the model twice."""
+    header = json.loads(conn.recv_bytes())
+    size = header.get("size")
+    if size is None:
+        return header, None
+    buffer = bytearray(size)
+    view, fd, got = memoryview(buffer), conn.fileno(), 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("the pipe closed in the middle of a payload")
+        got += n
+    return header, buffer
 
 
 def worker_main(
@@ -77,12 +99,11 @@ def worker_main(
     _send(conn, {"ready": True})
     while True:
         try:
-            header = json.loads(conn.recv_bytes())
+            header, payload = _receive(conn)
         except EOFError:
             return
-        if header.get("request") == "stop":
+        if header.get("request") == "stop" or payload is None:
             return
-        payload = conn.recv_bytes()
         for name in header["clients"]:
             try:
                 reply = clients[name].handle(header["request"], payload)
@@ -91,7 +112,7 @@ def worker_main(
             except Exception as err:
                 _send(conn, {"client": name, "error": f"{type(err).__name__}: {err}"})
             else:
-                _send(conn, {"client": name, "size": len(reply)}, reply)
+                _send(conn, {"client": name}, reply)
         _send(conn, {"done": True})
 
 
@@ -205,22 +226,18 @@ class ProcessPoolRuntime(Runtime):
             for ready in wait(list(pending)):
                 conn = cast(Connection, ready)
                 try:
-                    header = json.loads(conn.recv_bytes())
+                    header, reply = _receive(conn)
                     if header.get("done"):
                         del pending[conn]
                         continue
                     name = header["client"]
-                    reply = None
-                    if "error" not in header:
-                        # received into a buffer of our own: the contribution can view it
-                        reply = bytearray(header["size"])
-                        conn.recv_bytes_into(reply)
                 except (EOFError, OSError):
                     for name in pending.pop(conn):
                         yield ClientResult(name, error="its worker process died")
                     continue
                 pending[conn].remove(name)
                 yield ClientResult(name, payload=reply, error=header.get("error"))
+                reply = None  # let the trainer drop it before the next one is read
 
     def stop(self, ctx: FLContext) -> None:
         for conn in self.conns:
