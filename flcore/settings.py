@@ -48,11 +48,15 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if origin in (Union, types.UnionType):
+        errors = []
         for option in args:
             try:
                 return coerce(value, option, where)
-            except JobError:
-                continue
+            except JobError as err:
+                errors.append((option, err))
+        real = [err for option, err in errors if option is not type(None)]
+        if value is not None and len(real) == 1:
+            raise real[0]  # Optional[X]: say what X wanted, not "expected Optional"
         raise _wrong(where, value, annotation)
     if annotation is type(None):
         if value is None:

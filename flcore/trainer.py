@@ -133,6 +133,7 @@ class ModelTrainer:
         ctx = self.ctx
         ctx.metrics = {}
         ctx.contributions = []
+        ctx.client_tests = {}  # this round's tests only
         ctx.take_snapshot()
         ctx.round += 1
         self.training.round_started = time.perf_counter()

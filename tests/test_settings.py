@@ -19,6 +19,7 @@ class Example:
     tags: list[str] = attrs.field(factory=list)
     weights: dict[str, float] = attrs.field(factory=dict)
     limit: int | None = None
+    choice: Literal["a", "b"] | None = None
     positive: int = attrs.field(default=1)
 
     @positive.validator
@@ -50,6 +51,8 @@ def test_values_are_checked_and_ints_accepted_as_floats() -> None:
         ({"name": "a", "tags": [1]}, "[x].tags[0]: expected str"),
         ({"name": "a", "weights": {"c": "heavy"}}, "[x].weights.c: expected float"),
         ({}, "[x]: missing required key 'name'"),
+        ({"name": "a", "choice": "c"}, "[x].choice: 'c' is not one of 'a', 'b'"),
+        ({"name": "a", "limit": "3"}, "[x].limit: expected int, got str '3'"),
         ({"name": "a", "positive": 0}, "[x]: positive must be at least 1"),
     ],
 )

@@ -138,7 +138,7 @@ def test_flcore_validate_refuses_with_the_reason(
     assert result.exit_code == 1
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: {path}: [plugins.server_validation]") or error.startswith(
-        "error: plugin 'server_validation' raised in 'check_job': JobError: "
+        f"error: plugin 'server_validation' refuses the job: {path}: [plugins.server_validation]"
     )
     assert message in error
 
