@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from flcore.client import client_name
-from flcore.data import derive_seed
+from flcore.data import derive_seed, seed_torch
 
 
 def bare_fedavg(
     task: Any, clients: int, rounds: int, epochs: int, batch_size: int, lr: float, seed: int
 ) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
+    seed_torch(seed)
     model = task.model()
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     data = [task.client_data(i, clients).tensors for i in range(clients)]
@@ -28,7 +28,7 @@ def bare_fedavg(
         for index, (x, y) in enumerate(data):
             model.load_state_dict(global_weights)
             client_seed = derive_seed(seed, "train", round_, client_name(index))
-            torch.manual_seed(client_seed)
+            seed_torch(client_seed)
             generator = torch.Generator().manual_seed(client_seed)
             optimizer = torch.optim.SGD(model.parameters(), lr=lr)
             model.train()

@@ -18,6 +18,18 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def seed_torch(seed: int) -> None:
+    """Seed torch's global generators (dropout and other random layers).
+
+    ``torch.manual_seed`` would do it too, but while CUDA is not initialised it queues a lazy
+    call per device type, each with a formatted stack trace: milliseconds per client and
+    round deep inside a run, and a queue that only grows.
+    """
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def split_validation(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """Hold out ``fraction`` of ``data`` (a seeded random subset) as the client's validation split."""
     n = len(data)

@@ -14,6 +14,7 @@ import torch
 from flcore import codec
 from flcore.chain import Chain
 from flcore.context import FLContext
+from flcore.data import seed_torch
 from flcore.errors import CodecError, FLCoreError, HandlerFailed, JobError, RoundFailed
 from flcore.job import Job
 from flcore.task import Task
@@ -78,29 +79,38 @@ class Training:
             )
 
     def initial_model(self) -> dict[str, torch.Tensor]:
-        torch.manual_seed(self.job.job.seed)
+        seed_torch(self.job.job.seed)
         model = self.ctx.task.model()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def run(self) -> None:
-        """Run every round; raise :class:`RunFailed` when the error policy stops the run."""
+    def run(self, resume: bool = False) -> None:
+        """Run every round; raise :class:`RunFailed` when the error policy stops the run.
+
+        With ``resume`` the run continues its run directory from the last committed round
+        (see :meth:`load_checkpoint`) instead of starting from the initial model.
+        """
         from flcore.trainer import ModelTrainer, process_trainer_task
 
         ctx = self.ctx
         self.registry[self.id] = self
         started = False
         try:
-            ctx.global_model = self.initial_model()
-            if self.run_dir is not None:  # round 0: what a rollback of round 1 restores
-                codec.save_file(
-                    self.run_dir / GLOBAL_MODEL,
-                    ctx.global_model,
-                    {"round": 0, "job": self.job.job.name},
-                )
+            saved_state = self.load_checkpoint() if resume else None
+            if saved_state is None:
+                ctx.global_model = self.initial_model()
+                if self.run_dir is not None:  # round 0: what a rollback of round 1 restores
+                    codec.save_file(
+                        self.run_dir / GLOBAL_MODEL,
+                        ctx.global_model,
+                        {"round": 0, "job": self.job.job.name, "state": {}},
+                    )
             if self.runtime is None:
                 self.check()
             self._guard(lambda: ctx.fire("startup"), "startup")
             started = True
+            if saved_state is not None:
+                ctx.log.info("run_resumed", round=self.completed_round)
+                self._guard(lambda: ctx.fire("resume", state=saved_state), "startup")
             self.clients = self.runtime.start(ctx)
             for client in self.clients:
                 self._guard(lambda c=client: ctx.fire("client_register", client_id=c), "startup")
@@ -113,7 +123,7 @@ class Training:
             self.queue.clear()
             try:
                 if started:
-                    for client in self.clients:
+                    for client in self.runtime.present(self.clients):
                         self._quietly(lambda c=client: ctx.fire("client_quit", client_id=c))
                     self._quietly(lambda: ctx.fire("shutdown"))
             finally:
@@ -193,7 +203,9 @@ class Training:
             return
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, default=str) + "\n")
-        meta = {"round": ctx.round, "job": self.job.job.name}
+        # The global model's file is the checkpoint: the round and the plugins' saved state
+        # travel in its metadata, so one atomic rename commits them together.
+        meta = {"round": ctx.round, "job": self.job.job.name, "state": self.plugin_state()}
         codec.save_file(self.run_dir / GLOBAL_MODEL, ctx.global_model, meta)
         if self.job.job.keep_round_models:
             codec.save_file(
@@ -206,6 +218,65 @@ class Training:
             "time": time.time(),
         }
         codec.write_atomic(self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode())
+
+    def plugin_state(self) -> dict[str, Any]:
+        """What the chain's ``save_state`` handlers return, by plugin name (JSON only)."""
+        state: dict[str, Any] = {}
+        for plugin, answer in self.ctx.fire("save_state"):
+            if answer is None:
+                continue
+            try:
+                json.dumps(answer, allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise RoundFailed(
+                    f"plugin {plugin!r}: save_state returned non-JSON: {err}"
+                ) from err
+            state[plugin] = answer
+        return state
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        """Put the run back at its last committed round; return the plugins' saved state.
+
+        ``global_model.safetensors`` holds the round, the weights and the plugins' state of
+        the last committed round (written atomically); ``metrics.jsonl`` is cut back to it,
+        since a crash may have come between its line and the model.
+        """
+        if self.run_dir is None:
+            raise FLCoreError("a run can only be resumed from a run directory")
+        path = self.run_dir / GLOBAL_MODEL
+        if not path.exists():
+            raise FLCoreError(f"cannot resume {self.run_dir}: it has no {GLOBAL_MODEL}")
+        try:
+            weights, meta = codec.load_file(path)
+        except CodecError as err:
+            raise FLCoreError(f"cannot resume {self.run_dir}: {err}") from err
+        round_, state = meta.get("round"), meta.get("state", {})
+        if not isinstance(round_, int) or round_ < 0 or not isinstance(state, dict):
+            raise FLCoreError(f"cannot resume {self.run_dir}: {path.name} has no checkpoint")
+        if meta.get("job") != self.job.job.name:
+            raise FLCoreError(
+                f"cannot resume {self.run_dir}: it holds job {meta.get('job')!r}, "
+                f"not {self.job.job.name!r}"
+            )
+        if round_ >= self.job.job.rounds:
+            raise FLCoreError(
+                f"cannot resume {self.run_dir}: all {self.job.job.rounds} rounds are done"
+            )
+        reference = self.initial_model()
+        if set(weights) != set(reference) or any(
+            weights[k].shape != v.shape or weights[k].dtype != v.dtype for k, v in reference.items()
+        ):
+            raise FLCoreError(f"cannot resume {self.run_dir}: {path.name} is not this task's model")
+        self.ctx.global_model = weights
+        self.ctx.round = self.completed_round = round_
+        self.history = []
+        metrics = self.run_dir / METRICS
+        if metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line and json.loads(line).get("round", 0) <= round_]
+            self.history = [json.loads(line) for line in kept]
+            codec.write_atomic(metrics, "".join(line + "\n" for line in kept).encode())
+        return state
 
     def save_local_model(self, round: int | None, client: str, weights: Any) -> None:
         """Keep a client's model (``delete_local_models_after_aggregation = false``)."""

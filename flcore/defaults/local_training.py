@@ -14,12 +14,12 @@ if TYPE_CHECKING:
 def local_train(ctx: Any, model: torch.nn.Module, data: Any) -> dict[str, Any]:
     import torch  # imported on use, so that listing plugins stays fast
 
-    from flcore.data import as_tensors, batches, derive_seed
+    from flcore.data import as_tensors, batches, derive_seed, seed_torch
     from flcore.defaults.evaluation import loss_function
 
     settings = ctx.job.local
     seed = derive_seed(ctx.job.job.seed, "train", ctx.round, ctx.client_id)
-    torch.manual_seed(seed)  # dropout and other random layers
+    seed_torch(seed)  # dropout and other random layers
     generator = torch.Generator().manual_seed(seed)
     loss_fn = loss_function(ctx.task, data)
     optimizer = torch.optim.SGD(

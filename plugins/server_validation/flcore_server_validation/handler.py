@@ -130,11 +130,11 @@ class ServerValidationHandler:
         """
         import torch
 
-        from flcore.data import derive_seed
+        from flcore.data import derive_seed, seed_torch
 
         evaluator, data = self._ready(ctx)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(ctx.job.job.seed, PLUGIN_NAME, ctx.round))
+            seed_torch(derive_seed(ctx.job.job.seed, PLUGIN_NAME, ctx.round))
             model = ctx.task.model()
             model.load_state_dict(weights)
             model.eval()

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from flcore.data import as_tensors, batches, derive_seed
+from flcore.data import as_tensors, batches, derive_seed, seed_torch
 from flcore.defaults.evaluation import loss_function
 from flcore.errors import FLCoreError
 from flcore_swag.moments import ClientMoments, Payload, SnapshotMoments
@@ -76,7 +76,7 @@ def collect(ctx: Any, payload: Payload, settings: Settings) -> Payload:
     local = ctx.job.local
     steps, every = schedule(settings, len(data), local.batch_size)
     seed = derive_seed(ctx.job.job.seed, "swag", ctx.round, ctx.client_id)
-    torch.manual_seed(seed)  # dropout and other random layers
+    seed_torch(seed)  # dropout and other random layers
     moments = SnapshotMoments(settings.rank)
     losses: list[float] = []
     for params in sgd_snapshots(
