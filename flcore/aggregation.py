@@ -46,8 +46,8 @@ class WeightedMean:
         """``acc += weight * tensor`` in float64, a cache-sized block at a time: torch's
         mixed-dtype in-place add makes a float64 copy of the whole tensor first (the model
         twice over, for every client) and runs several times slower than this."""
-        if tensor.dtype == torch.float64:
-            acc.add_(tensor, alpha=weight)
+        if tensor.dtype == torch.float64 or tensor.numel() <= BLOCK:
+            acc.add_(tensor, alpha=weight)  # small: its float64 temporary is too
             return
         flat_acc, flat = acc.view(-1), tensor.reshape(-1)
         size = min(BLOCK, flat.numel())

@@ -96,8 +96,10 @@ class Chain:
         kwargs["ctx"] = ctx
         done: list[str] = []
         results = []
-        ctx.log.debug("event", hook=hook, round=ctx.round)
-        for name, impl in self.implementations(hook, reverse=hook in REVERSED_EVENTS):
+        impls = self.implementations(hook, reverse=hook in REVERSED_EVENTS)
+        if impls:  # the event log records events that something handled
+            ctx.log.debug("event", hook=hook, round=ctx.round, handlers=[n for n, _ in impls])
+        for name, impl in impls:
             try:
                 results.append((name, _call(impl, kwargs)))
             except Exception as err:

@@ -30,10 +30,17 @@ class Client:
     """One federation member, with its own context, data split and model."""
 
     def __init__(
-        self, job: Any, task: Any, chain: Any, index: int, log: Any, model: Any = None
+        self,
+        job: Any,
+        task: Any,
+        chain: Any,
+        index: int,
+        log: Any,
+        model: Any = None,
+        name: str | None = None,
     ) -> None:
         self.index = index
-        self.name = client_name(index)
+        self.name = name or client_name(index)  # a deployment's names may be its own
         self.ctx = FLContext(
             job=job,
             task=task,
@@ -74,8 +81,27 @@ class Client:
         if not isinstance(round_, int):
             raise CodecError(f"{what} sent to {self.name}: no round number")
         self.ctx.round = round_
-        self.model.load_state_dict(weights)
+        self.load(weights, what)
         return self.model.state_dict()
+
+    def load(self, weights: dict[str, torch.Tensor], what: str) -> None:
+        """Copy ``weights`` into the model, tensor by tensor: the names, shapes and dtypes
+        must be the model's (``load_state_dict`` does the same with more overhead per call)."""
+        target = self.model.state_dict()
+        if set(weights) != set(target):
+            missing, extra = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
+            raise CodecError(
+                f"{what} sent to {self.name}: missing {missing[:5]}, unexpected {extra[:5]} tensors"
+            )
+        with torch.no_grad():
+            for name, tensor in target.items():
+                got = weights[name]
+                if got.shape != tensor.shape or got.dtype != tensor.dtype:
+                    raise CodecError(
+                        f"{what} sent to {self.name}: tensor {name!r} is {got.dtype} "
+                        f"{tuple(got.shape)}, the model's is {tensor.dtype} {tuple(tensor.shape)}"
+                    )
+                tensor.copy_(got)
 
     def train(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
@@ -106,7 +132,7 @@ class Client:
         ctx.fire("receive_validation_models", models=models)
         results: dict[str, dict[str, float]] = {}
         for name, model_weights in models.items():
-            self.model.load_state_dict(model_weights)
+            self.load(model_weights, f"model {name!r} to validate")
             results[name] = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         ctx.fire("send_validation_results", results=results)
         return codec.encode(

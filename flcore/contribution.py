@@ -78,6 +78,8 @@ def all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
     """No NaN or infinity in ``tensor``; checked a block at a time, since ``isfinite`` of a
     whole tensor makes temporaries several times its size."""
     flat = tensor.reshape(-1)
+    if flat.numel() <= block:
+        return bool(torch.isfinite(flat).all())
     return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
 
 

@@ -29,8 +29,15 @@ def test_a_client_refuses_what_it_cannot_read(client: Client) -> None:
 def test_a_client_refuses_a_model_of_another_shape(client: Client) -> None:
     import torch
 
-    with pytest.raises(RuntimeError, match=r"size mismatch|Missing key"):
+    with pytest.raises(CodecError, match=r"missing \['0.bias'.*unexpected \['w'\]"):
         client.handle("train", codec.encode({"w": torch.zeros(1)}, {"round": 1}))
+    weights = {k: v.clone() for k, v in client.model.state_dict().items()}
+    weights["0.weight"] = weights["0.weight"].double()
+    with pytest.raises(
+        CodecError,
+        match=r"tensor '0.weight' is torch.float64 \(16, 64\), the model's is torch.float32",
+    ):
+        client.handle("train", codec.encode(weights, {"round": 1}))
 
 
 def test_validation_results_are_checked() -> None:
