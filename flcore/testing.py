@@ -36,14 +36,37 @@ def _belongs_to(entry: str, distributions: Iterable[str]) -> bool:
     return False
 
 
-def isolated_python(dest: Path, exclude: Iterable[str] = (), install: Iterable[Path] = ()) -> Path:
+def plugin_distributions() -> list[str]:
+    """The installed distributions that register ``flcore.plugins`` entry points."""
+    from flcore.plugins import installed_entry_points
+
+    found = {
+        ep.dist.metadata["Name"]
+        for eps in installed_entry_points().values()
+        for ep in eps
+        if ep.dist is not None
+    }
+    return sorted(found - {"flcore"})
+
+
+def isolated_python(
+    dest: Path,
+    exclude: Iterable[str] = (),
+    install: Iterable[Path] = (),
+    only_plugins: Iterable[str] | None = None,
+) -> Path:
     """Create an environment at ``dest`` and return its ``python``.
 
     It sees this interpreter's site-packages entry by entry (symlinks), except those of the
-    distributions in ``exclude``; each path in ``install`` is then pip-installed into it
-    (no dependencies, no build isolation: it works offline).
+    distributions in ``exclude`` and, when ``only_plugins`` is given, of every plugin
+    distribution not named there (so a plugin added later needs no list updated); each path
+    in ``install`` is then pip-installed into it (no dependencies, no build isolation: it
+    works offline).
     """
     exclude = list(exclude)
+    if only_plugins is not None:
+        keep = set(only_plugins)
+        exclude += [d for d in plugin_distributions() if d not in keep]
     venv.EnvBuilder(with_pip=False, symlinks=True, clear=True).create(dest)
     python = dest / "bin" / "python"
     site = Path(

@@ -31,9 +31,6 @@ def small_job(chain: list[str] | None = None, **sections: dict[str, Any]) -> Job
     return Job.from_dict(data, source="small.toml")
 
 
-PLUGIN_DISTS = ["flcore-swag", "flcore-model-selection", "flcore-server-validation"]
-
-
 @pytest.fixture(scope="session")
 def plugin_env_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An environment with flcore and tests/fixtures/test_plugins pip-installed (built from
@@ -42,7 +39,7 @@ def plugin_env_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     env = tmp_path_factory.mktemp("env")
     dist = ROOT / "tests" / "fixtures" / "test_plugins"
-    return isolated_python(env / "venv", exclude=PLUGIN_DISTS, install=[dist])
+    return isolated_python(env / "venv", only_plugins=[], install=[dist])
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from flcore.testing import isolated_python
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS.parent
 REPO = PLUGIN.parents[1]
-OTHERS = ["flcore-swag", "flcore-server-validation"]
 
 
 def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
@@ -25,7 +24,9 @@ def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
         PLUGIN, source, ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__")
     )
     env_dir = tmp_path / "env"
-    python = isolated_python(env_dir, exclude=[*OTHERS, "flcore-model-selection"], install=[source])
+    python = isolated_python(
+        env_dir, exclude=["flcore-model-selection"], only_plugins=[], install=[source]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

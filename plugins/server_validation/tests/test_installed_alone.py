@@ -15,7 +15,6 @@ from flcore.testing import isolated_python
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS.parent
 REPO = PLUGIN.parents[1]
-OTHERS = ["flcore-swag", "flcore-model-selection"]
 
 
 def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
@@ -25,7 +24,7 @@ def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
         PLUGIN, source, ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__")
     )
     python = isolated_python(
-        tmp_path / "env", exclude=[*OTHERS, "flcore-server-validation"], install=[source]
+        tmp_path / "env", exclude=["flcore-server-validation"], only_plugins=[], install=[source]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
