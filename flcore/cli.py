@@ -21,7 +21,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path(dir_okay=False), required=False)
 @click.option(
     "--set",
     "overrides",
@@ -39,21 +39,42 @@ def main() -> None:
     help="Console output: readable lines or JSON lines.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its last completed round.",
+)
 def run(
-    job_file: str, overrides: tuple[str, ...], out: str | None, log_format: str, verbose: bool
+    job_file: str | None,
+    overrides: tuple[str, ...],
+    out: str | None,
+    log_format: str,
+    verbose: bool,
+    resume: str | None,
 ) -> None:
-    """Train the job in JOB_FILE and write a run directory."""
+    """Train the job in JOB_FILE and write a run directory (or continue one: --resume)."""
     from flcore.errors import FLCoreError
     from flcore.job import Job
-    from flcore.run import run_job
+    from flcore.run import resume_job, run_job
 
     try:
-        job = Job.load(job_file, overrides)
+        if resume is not None:
+            if out is not None:
+                raise FLCoreError("--resume continues its own run directory: drop --out")
+            if overrides and not job_file:
+                raise FLCoreError("--set needs the JOB_FILE it overrides")
+            given = Job.load(job_file, overrides) if job_file else None
+            job = resume_job(resume, given)
+        elif job_file is None:
+            raise FLCoreError("give a JOB_FILE, or --resume RUN_DIR")
+        else:
+            job = Job.load(job_file, overrides)
         result = run_job(
             job,
-            out=out,
+            out=resume or out,
             console=log_format,  # type: ignore[arg-type]
             console_level="info" if verbose else "warning",
+            resume=resume is not None,
         )
     except FLCoreError as err:
         _fail(err)
@@ -152,3 +173,230 @@ def hooks() -> None:
 
     for name, kind, side, line in hook_summaries():
         click.echo(f"{name:<26} {kind:<8} {side:<7} {line}")
+
+
+_PLAINTEXT_WARNING = (
+    "WARNING: --insecure: plaintext gRPC. Models, contributions and client names cross "
+    "unencrypted and any process that reaches the port can claim any allowed name. "
+    "Use it only on a trusted network or for a test."
+)
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--listen", default="0.0.0.0:50051", show_default=True, help="HOST:PORT to serve on.")
+@click.option(
+    "--certs",
+    type=click.Path(file_okay=False),
+    help="Folder from `flcore certs` with ca.pem, server.pem and server.key (mutual TLS).",
+)
+@click.option("--insecure", is_flag=True, help="Plaintext, no TLS (prints a warning).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a job setting (value read as TOML); repeatable; clients need the same.",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME)."
+)
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its last completed round.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
+def server(
+    job_file: str,
+    listen: str,
+    certs: str | None,
+    insecure: bool,
+    overrides: tuple[str, ...],
+    out: str | None,
+    resume: str | None,
+    verbose: bool,
+) -> None:
+    """Serve the job in JOB_FILE to `flcore client` processes over gRPC (mutual TLS)."""
+    from pathlib import Path
+
+    from flcore.errors import FLCoreError
+    from flcore.job import Job
+    from flcore.logging import make_logger
+    from flcore.run import resume_job, run_job
+
+    try:
+        if certs is not None and insecure:
+            raise FLCoreError("give --certs (mutual TLS) or --insecure (plaintext), not both")
+        if certs is None and not insecure:
+            raise FLCoreError(
+                "the server needs --certs DIR (mutual TLS; make one with `flcore certs DIR "
+                "--host HOST --client NAME ...`) or, for a trusted network only, --insecure"
+            )
+        if resume is not None and out is not None:
+            raise FLCoreError("--resume continues its own run directory: drop --out")
+        job = Job.load(job_file, overrides)
+        if resume is not None:
+            job = resume_job(resume, job)
+        credentials = None
+        if certs is not None:
+            from flcore.deploy.certs import SERVER, read_identity
+            from flcore.deploy.server import server_credentials
+
+            credentials = server_credentials(*read_identity(Path(certs), SERVER))
+        else:
+            click.echo(_PLAINTEXT_WARNING, err=True)
+        _check_address(listen, "--listen")
+        from flcore.deploy.server import NetworkRuntime
+
+        runtime = NetworkRuntime(job, listen, credentials, make_logger(None))
+        result = run_job(
+            job,
+            out=resume or out,
+            console="console",
+            console_level="info" if verbose else "warning",
+            resume=resume is not None,
+            runtime=runtime,
+        )
+    except FLCoreError as err:
+        _fail(err)
+        return
+    final = {k: v for k, v in result.final_metrics.items() if k not in {"clients"}}
+    click.echo(f"run directory: {result.run_dir}")
+    click.echo(f"final metrics: {json.dumps(final, default=str)}")
+
+
+def _check_address(address: str, option: str) -> None:
+    from flcore.errors import FLCoreError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise FLCoreError(f"{option} {address!r}: give HOST:PORT (port 0-65535)")
+
+
+@main.command()
+@click.option("--server", "target", required=True, help="HOST:PORT of the `flcore server`.")
+@click.option("--name", required=True, help="This client's name (its certificate's name).")
+@click.option(
+    "--job",
+    "job_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The federation's job file (the server checks it is the same job).",
+)
+@click.option(
+    "--certs",
+    type=click.Path(file_okay=False),
+    help="Folder with ca.pem (the federation's CA), NAME.pem and NAME.key.",
+)
+@click.option("--cert", type=click.Path(dir_okay=False), help="Certificate (default NAME.pem).")
+@click.option("--key", type=click.Path(dir_okay=False), help="Private key (default NAME.key).")
+@click.option("--insecure", is_flag=True, help="Plaintext, no TLS (prints a warning).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a job setting, as the server does.",
+)
+@click.option(
+    "--give-up-after",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds to keep retrying an unreachable server.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
+def client(
+    target: str,
+    name: str,
+    job_file: str,
+    certs: str | None,
+    cert: str | None,
+    key: str | None,
+    insecure: bool,
+    overrides: tuple[str, ...],
+    give_up_after: float,
+    verbose: bool,
+) -> None:
+    """Be client NAME of the federation served at --server until the run ends."""
+    from pathlib import Path
+
+    from flcore.errors import FLCoreError
+    from flcore.job import Job
+    from flcore.logging import make_logger
+
+    try:
+        _check_address(target, "--server")
+        if insecure and (certs or cert or key):
+            raise FLCoreError("give --certs (mutual TLS) or --insecure (plaintext), not both")
+        if not insecure and certs is None:
+            raise FLCoreError(
+                "the client needs --certs DIR (ca.pem and its certificate) or, for a trusted "
+                "network only, --insecure"
+            )
+        job = Job.load(job_file, overrides)
+        credentials = None
+        if certs is not None:
+            from flcore.deploy.certs import CertError, check_name, read_identity
+
+            folder = Path(certs)
+            ca, own_cert, own_key = (
+                read_identity(folder, check_name(name)) if not (cert and key) else (b"", b"", b"")
+            )
+            try:
+                if cert:
+                    own_cert = Path(cert).read_bytes()
+                if key:
+                    own_key = Path(key).read_bytes()
+                if not ca:
+                    ca = (folder / "ca.pem").read_bytes()
+            except OSError as err:
+                raise CertError(f"cannot read {err.filename}: {err.strerror}") from None
+            from flcore.deploy.client import channel_credentials
+
+            credentials = channel_credentials(ca, own_cert, own_key)
+        else:
+            click.echo(_PLAINTEXT_WARNING, err=True)
+        from flcore.deploy.client import serve
+
+        log = make_logger(None, console_level="info" if verbose else "warning").bind(client=name)
+        serve(job, name, target, credentials, log, give_up_after=give_up_after)
+    except FLCoreError as err:
+        _fail(err)
+        return
+    click.echo(f"{name}: the run ended", err=True)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="Issue server.pem for this DNS name or IP address; repeatable.",
+)
+@click.option(
+    "--client", "clients", multiple=True, help="Issue NAME.pem for this client; repeatable."
+)
+@click.option("--ca-name", default="flcore federation", show_default=True, help="The CA's name.")
+def certs(folder: str, hosts: tuple[str, ...], clients: tuple[str, ...], ca_name: str) -> None:
+    """Make a federation's certificates in FOLDER: its root CA (once; ca.key stays with
+    whoever issues certificates), a server certificate, client certificates."""
+    from pathlib import Path
+
+    from flcore.deploy.certs import SERVER, check_name, issue, make_ca
+    from flcore.errors import FLCoreError
+
+    path = Path(folder)
+    try:
+        for name in clients:
+            check_name(name)
+        if make_ca(path, ca_name):
+            click.echo(f"created the federation's CA: {path / 'ca.pem'} (keep ca.key private)")
+        if hosts:
+            click.echo(f"issued {issue(path, SERVER, hosts=list(hosts))} for {', '.join(hosts)}")
+        for name in clients:
+            click.echo(f"issued {issue(path, name)} for client {name}")
+    except FLCoreError as err:
+        _fail(err)

@@ -171,6 +171,29 @@ def rollback(ctx: FLContext) -> None:
     """
 
 
+@hookspec
+def save_state(ctx: FLContext) -> Any:
+    """Return what this plugin needs to continue a resumed run, or ``None``.
+
+    Side: server. Fires when a round is committed, after ``end_round``. The answer must
+    be JSON (dicts, lists, strings, numbers); it is written atomically with the round's
+    global model and handed back to ``resume`` by ``flcore run --resume`` and
+    ``flcore server --resume``. A plugin whose state is derived from the round alone
+    needs neither hook: a resumed run gives the same final weights as an uninterrupted one.
+    """
+
+
+@hookspec
+def resume(ctx: FLContext, state: Mapping[str, Any]) -> None:
+    """The run continues from a checkpoint: restore what ``save_state`` returned.
+
+    Side: server. Fires once, after ``startup``, before the first resumed round;
+    ``ctx.round`` is the last committed round and ``ctx.global_model`` its model.
+    ``state`` maps each plugin's name in the chain to what its ``save_state`` returned
+    (plugins that returned ``None`` are absent).
+    """
+
+
 # -- the client side ----------------------------------------------------------------
 
 

@@ -83,6 +83,20 @@ class Job:
             raise JobError(
                 f"{source}: [job].min_clients ({job.min_clients}) is above clients ({job.clients})"
             )
+        if job.allowed_clients is not None:
+            names = job.allowed_clients
+            if len(names) != job.clients or len(set(names)) != len(names):
+                raise JobError(
+                    f"{source}: [job].allowed_clients must name each of the {job.clients} "
+                    f"clients once, got {names}"
+                )
+            from flcore.deploy.certs import CertError, check_name
+
+            for name in names:
+                try:
+                    check_name(name)
+                except CertError as err:
+                    raise JobError(f"{source}: [job].allowed_clients: {err}") from None
         return cls(
             source=source,
             job=job,

@@ -36,6 +36,19 @@ class JobSettings:
     max_retries: int = attrs.field(default=1, validator=_at_least(0))
     #: Keep every round's global model in ``rounds/NNNN/global_model.safetensors``.
     keep_round_models: bool = False
+    #: Deployment (``flcore server``): the client names that may join, in data order (the
+    #: client named ``allowed_clients[i]`` holds the data of index ``i``); default the
+    #: simulation's names ``client-0`` ... ``client-N-1``.
+    allowed_clients: list[str] | None = None
+    #: Deployment: seconds a client has to answer one request before it is dropped.
+    round_timeout: float = attrs.field(default=600.0, validator=_at_least(0.1))
+    #: Deployment: clients beat this often (seconds); four missed beats drop a client.
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_at_least(0.05))
+    #: Deployment: seconds the server waits for every allowed client before the first
+    #: round (it starts earlier once all joined; with fewer than min_clients it stops).
+    join_timeout: float = attrs.field(default=600.0, validator=_at_least(0.1))
+    #: Deployment: the largest model or reply either side accepts, in MiB.
+    max_message_mb: int = attrs.field(default=4096, validator=_at_least(1))
 
     @property
     def required_clients(self) -> int:

@@ -60,20 +60,49 @@ def new_run_dir(job: Job, out: str | Path | None) -> Path:
     return path.resolve()
 
 
+def resume_job(run_dir: str | Path, job: Job | None = None) -> Job:
+    """The job of the run in ``run_dir``; a ``job`` given as well must be the same job
+    (anything else would not continue the run to the weights it was heading for)."""
+    path = Path(run_dir) / "job.toml"
+    if not path.is_file():
+        raise FLCoreError(f"cannot resume {str(run_dir)!r}: no job.toml (not a run directory)")
+    saved = Job.load(path)
+    if job is not None and job.to_toml() != saved.to_toml():
+        raise FLCoreError(
+            f"cannot resume {str(run_dir)!r}: the job given differs from its job.toml "
+            "(resume with the same job file and --set overrides, or with no job file)"
+        )
+    return saved
+
+
 def run_job(
     job: Job,
     out: str | Path | None = None,
     extra_plugins: Mapping[str, Any] | None = None,
     console: Literal["console", "json", "quiet"] = "quiet",
     console_level: str = "warning",
+    resume: bool = False,
+    runtime: Any = None,
 ) -> RunResult:
     """Run ``job`` to the end. ``extra_plugins`` adds plugins by name without installing them.
+
+    With ``resume`` the run continues the run directory ``out`` from its last committed
+    round. ``runtime`` replaces the one the chain's ``get_runtime`` picks (``flcore
+    server`` passes its network runtime this way).
 
     Raises :class:`flcore.training.RunFailed` when a round fails under the ``abort`` policy,
     after the run directory holds the last completed round.
     """
     training = prepare(job, extra_plugins)
-    run_dir = new_run_dir(job, out)
+    if runtime is not None:
+        training.runtime = runtime
+    if resume:
+        if out is None:
+            raise FLCoreError("resume needs the run directory")
+        run_dir = Path(out).resolve()
+        resume_job(run_dir, job)
+    else:
+        run_dir = new_run_dir(job, out)
     log = make_logger(
         run_dir / "events.jsonl",
         console_format="json" if console == "json" else "console",
@@ -82,13 +111,14 @@ def run_job(
     try:
         for warning in job.warnings:
             log.warning("job_warning", message=warning)
-        (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
+        if not resume:
+            (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
         training.run_dir = run_dir
         training.id = str(run_dir)
         training.ctx.run_dir = run_dir
         training.ctx.log = log.bind(job=job.job.name)
         training.ctx.console = console
-        training.run()
+        training.run(resume=resume)
         result = RunResult(run_dir, training.history)
         summary = {
             "run_dir": str(run_dir),

@@ -53,3 +53,13 @@ def end_round(ctx: Any) -> None:
         sys.stderr.flush()
     elif ctx.console == "console":
         print(round_line(ctx), file=sys.stderr, flush=True)
+
+
+@hookimpl
+def client_register(ctx: Any, client_id: str) -> None:
+    ctx.log.info("client_register", client=client_id)
+
+
+@hookimpl
+def client_quit(ctx: Any, client_id: str) -> None:
+    ctx.log.info("client_quit", client=client_id)

@@ -45,3 +45,8 @@ class Runtime(ABC):
     @abstractmethod
     def stop(self, ctx: FLContext) -> None:
         """Release the clients; must be safe to call after a failed ``start``."""
+
+    def present(self, clients: Sequence[str]) -> list[str]:
+        """Which of ``clients`` are still in the federation when the run ends (each gets
+        ``client_quit`` then); a runtime that drops clients mid-run leaves those out."""
+        return list(clients)

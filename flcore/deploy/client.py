@@ -1,0 +1,210 @@
+"""The client side of a deployment: join the server, pull requests, answer them with the
+ordinary :class:`flcore.client.Client`, beat while working, and come back with backoff
+when the server goes away (a restarted server is rejoined by itself)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from flcore.deploy import wire
+from flcore.deploy.server import allowed_clients, job_digest
+from flcore.errors import FLCoreError
+
+#: gRPC codes after which a client tries again: the server is down, restarting or forgot us.
+RETRY = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class ClientRefused(FLCoreError):
+    """The server refused this client for good (not allowed, wrong job, bad certificate)."""
+
+
+def channel_credentials(ca: bytes, cert: bytes, key: bytes) -> Any:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+
+
+class Connection:
+    """One client's link to the server: join, beat, next, reply."""
+
+    def __init__(self, target: str, credentials: Any, name: str, digest: str) -> None:
+        self.name = name
+        self.target = target
+        self.digest = digest
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=wire.grpc_options())
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=wire.grpc_options())
+        self.join_rpc = self.channel.unary_unary(wire.JOIN)
+        self.beat_rpc = self.channel.unary_unary(wire.BEAT)
+        self.next_rpc = self.channel.unary_stream(wire.NEXT)
+        self.reply_rpc = self.channel.stream_unary(wire.REPLY)
+        self.session: str | None = None
+
+    def join(self, timeout: float) -> dict[str, Any]:
+        answer = wire.unpack(
+            self.join_rpc(wire.pack({"name": self.name, "job": self.digest}), timeout=timeout),
+            "join answer",
+        )
+        self.session = answer["session"]
+        return answer
+
+    def beat(self, timeout: float) -> None:
+        self.beat_rpc(wire.pack({"session": self.session}), timeout=timeout)
+
+    def next(self, max_size: int) -> tuple[dict[str, Any], bytearray]:
+        return wire.receive(
+            self.next_rpc(wire.pack({"session": self.session}), timeout=wire_timeout(max_size)),
+            max_size,
+            "request from the server",
+        )
+
+    def reply(self, task: str, payload: bytes | bytearray | None, error: str | None) -> None:
+        header: dict[str, Any] = {"session": self.session, "task": task}
+        if error is not None:
+            header["error"] = error
+        self.reply_rpc(wire.stream(header, payload), timeout=wire_timeout(len(payload or b"")))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def wire_timeout(size: int) -> float:
+    """A generous deadline for moving ``size`` bytes (at least 1 MB/s, plus a minute)."""
+    return 60.0 + size / 1e6
+
+
+class Heartbeat(threading.Thread):
+    """Beats every interval while the client lives, whatever it is busy with."""
+
+    def __init__(self, conn: Connection, interval: float) -> None:
+        super().__init__(daemon=True, name="flcore-heartbeat")
+        self.conn = conn
+        self.interval = interval
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            with contextlib.suppress(grpc.RpcError):  # the main loop notices and rejoins
+                self.conn.beat(timeout=max(self.interval, 1.0))
+
+
+def refusal(err: grpc.RpcError) -> ClientRefused | None:
+    code = err.code() if hasattr(err, "code") else None
+    if code in RETRY:
+        return None
+    return ClientRefused(f"the server refused this client: {err.details()}")
+
+
+def serve(
+    job: Any,
+    name: str,
+    target: str,
+    credentials: Any,
+    log: Any,
+    give_up_after: float = 600.0,
+    max_backoff: float = 5.0,
+) -> None:
+    """Be client ``name`` of the job's federation at ``target`` until the server says stop.
+
+    Raises :class:`ClientRefused` when the server refuses this client, and
+    :class:`FLCoreError` when the server stays unreachable for ``give_up_after`` seconds.
+    """
+    import torch
+
+    from flcore.chain import Chain
+    from flcore.client import Client
+    from flcore.task import load_task
+
+    names = allowed_clients(job)
+    if name not in names:
+        raise ClientRefused(f"client {name!r} is not in the job's allowed clients {names}")
+    torch.set_num_threads(job.job.threads)
+    chain = Chain.for_job(job)
+    client = Client(job, load_task(job), chain, names.index(name), log, name=name)
+    max_size = job.job.max_message_mb * 1024 * 1024
+    conn = Connection(target, credentials, name, job_digest(job))
+    try:
+        _loop(conn, client, job, log, max_size, give_up_after, max_backoff)
+    finally:
+        conn.close()
+
+
+def _loop(
+    conn: Connection,
+    client: Any,
+    job: Any,
+    log: Any,
+    max_size: int,
+    give_up_after: float,
+    max_backoff: float,
+) -> None:
+    interval = job.job.heartbeat_interval
+    backoff, unreachable_since = 0.2, None
+    while True:
+        try:
+            conn.join(timeout=max(10.0, 2 * interval))
+        except grpc.RpcError as err:
+            refused = refusal(err)
+            if refused is not None:
+                raise refused from None
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > give_up_after:
+                raise FLCoreError(
+                    f"the server at {conn.target} stayed unreachable for {give_up_after:g} s "
+                    f"(or refused this client's certificate at the TLS handshake): {err.details()}"
+                ) from None
+            log.info("server_unreachable", retry_in=backoff, reason=err.details())
+            time.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+            continue
+        backoff, unreachable_since = 0.2, None
+        log.info("joined", client=client.name)
+        beat = Heartbeat(conn, interval)
+        beat.start()
+        try:
+            if _work(conn, client, log, max_size):
+                return
+        except grpc.RpcError as err:
+            refused = refusal(err)
+            if refused is not None:
+                raise refused from None
+            log.info("connection_lost", reason=err.details())
+        finally:
+            beat.done.set()
+
+
+def _work(conn: Connection, client: Any, log: Any, max_size: int) -> bool:
+    """Answer requests until the server says stop (True) or the connection fails (raises)."""
+    while True:
+        header, payload = conn.next(max_size)
+        if header.get("stop"):
+            log.info("server_says_stop")
+            return True
+        if header.get("idle"):
+            continue
+        task, request = header.get("task"), header.get("request")
+        if not isinstance(task, str) or not isinstance(request, str):
+            raise wire.WireError("malformed request from the server: no task or request")
+        log.info("request", request=request)
+        try:
+            reply, error = client.handle(request, payload), None
+        except Exception as err:  # the user's code may fail in any way: the server hears why
+            reply, error = None, f"{type(err).__name__}: {err}"
+            log.warning("request_failed", request=request, error=error)
+        del payload
+        conn.reply(task, reply, error)
