@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PLUGINS := plugins/swag plugins/model_selection plugins/server_validation
+PLUGINS := plugins/swag plugins/model_selection plugins/server_validation plugins/ray
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest install
