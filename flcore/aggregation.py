@@ -17,10 +17,16 @@ class WeightedMean:
     Floating tensors accumulate in float64 and are cast back to their dtype once, so the
     mean is the correctly rounded result for float16, bfloat16 and float32. Integer
     buffers (BatchNorm's ``num_batches_tracked``) get the rounded mean; booleans a
-    weighted majority.
+    weighted majority. With ``exact=False`` float32 and float64 tensors keep a running
+    mean in their own dtype instead: one fused pass per contribution and no second copy
+    of the model, within a few units in the last place of the exact mean (and exact for
+    one contribution or identical ones).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
+        #: Tensors kept as a running mean in their own dtype (``exact=False``).
+        self._running: set[str] = set()
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._buffer = torch.empty(0, dtype=torch.float64)
@@ -32,14 +38,22 @@ class WeightedMean:
             raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
         if self._sums and set(weights) != set(self._sums):
             raise ValueError("state dicts of a weighted mean must have the same names")
+        total = self.total_weight + weight
         for name, tensor in weights.items():
             tensor = tensor.detach()
             acc = self._sums.get(name)
             if acc is None:
                 self._dtypes[name] = tensor.dtype
+                if not self.exact and tensor.dtype in (torch.float32, torch.float64):
+                    self._running.add(name)
+                    self._sums[name] = tensor.clone()
+                    continue
                 acc = self._sums[name] = torch.zeros(tensor.shape, dtype=torch.float64)
-            self._fold(acc, tensor, weight)
-        self.total_weight += weight
+            if name in self._running:
+                acc.lerp_(tensor, weight / total)  # mean += w/W (x - mean), one fused pass
+            else:
+                self._fold(acc, tensor, weight)
+        self.total_weight = total
         self.count += 1
 
     def _fold(self, acc: torch.Tensor, tensor: torch.Tensor, weight: float) -> None:
@@ -66,6 +80,9 @@ class WeightedMean:
             raise ValueError("weighted mean of nothing")
         out = {}
         for name in list(self._sums):
+            if name in self._running:
+                out[name] = self._sums.pop(name)
+                continue
             mean = self._sums.pop(name).div_(self.total_weight)
             dtype = self._dtypes[name]
             if dtype.is_floating_point or dtype.is_complex:
@@ -78,10 +95,10 @@ class WeightedMean:
 
 
 def weighted_mean(
-    items: Iterable[tuple[Mapping[str, torch.Tensor], float]],
+    items: Iterable[tuple[Mapping[str, torch.Tensor], float]], exact: bool = True
 ) -> dict[str, torch.Tensor]:
     """The weighted mean of ``(state_dict, weight)`` pairs, read one pair at a time."""
-    mean = WeightedMean()
+    mean = WeightedMean(exact)
     for weights, weight in items:
         mean.add(weights, weight)
     return mean.result()

@@ -158,7 +158,7 @@ class ModelTrainer:
         keep = not self.options.delete_local_models_after_aggregation
         fold = OrderedFold(
             clients,
-            WeightedMean() if self.streams() else None,
+            WeightedMean(ctx.job.job.exact_mean) if self.streams() else None,
             (lambda c: self.training.save_local_model(ctx.round, c.client_id, c.weights))
             if keep
             else None,

@@ -55,3 +55,30 @@ def test_bad_input_is_refused() -> None:
         weighted_mean([])
     with pytest.raises(ValueError, match="same names"):
         weighted_mean([({"x": torch.ones(1)}, 1.0), ({"y": torch.ones(1)}, 1.0)])
+
+
+def test_the_running_mean_is_close_exact_for_one_and_deterministic() -> None:
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(10_000, generator=gen) for _ in range(20)]
+    counts = [float(c) for c in range(1, 21)]
+    pairs = [
+        ({"x": t, "n": torch.tensor(c)}, float(c))
+        for t, c in zip(tensors, range(1, 21), strict=True)
+    ]
+    exact = weighted_mean(pairs)
+    fast = weighted_mean(pairs, exact=False)
+    assert fast["x"].dtype == torch.float32 and fast["n"].dtype == torch.int64
+    assert torch.allclose(fast["x"], exact["x"], rtol=0, atol=1e-6)
+    assert torch.equal(fast["n"], exact["n"])  # integers always take the exact path
+    assert torch.equal(weighted_mean(pairs, exact=False)["x"], fast["x"])
+    one = weighted_mean([({"x": tensors[0]}, 7.0)], exact=False)
+    assert torch.equal(one["x"], tensors[0])
+    same = weighted_mean([({"x": tensors[0]}, 3.0), ({"x": tensors[0].clone()}, 5.0)], exact=False)
+    assert torch.equal(same["x"], tensors[0])
+    assert sum(counts) == 210.0
+
+
+def test_the_inexact_mean_keeps_one_copy_of_the_model() -> None:
+    mean = WeightedMean(exact=False)
+    mean.add({"x": torch.ones(4)}, 1.0)
+    assert mean._sums["x"].dtype == torch.float32  # no float64 accumulator

@@ -15,11 +15,13 @@ from flcore.run import run_job
 from tests.conftest import ROOT, small_job
 
 
-def test_workers_give_byte_identical_weights_to_the_embedded_runtime(tmp_path: Path) -> None:
-    sequential = run_job(small_job(job={"rounds": 3, "clients": 5}), out=tmp_path / "seq")
-    parallel = run_job(
-        small_job(job={"rounds": 3, "clients": 5, "workers": 2}), out=tmp_path / "par"
-    )
+@pytest.mark.parametrize("exact", [True, False])
+def test_workers_give_byte_identical_weights_to_the_embedded_runtime(
+    tmp_path: Path, exact: bool
+) -> None:
+    job = {"rounds": 3, "clients": 5, "exact_mean": exact}
+    sequential = run_job(small_job(job=job), out=tmp_path / "seq")
+    parallel = run_job(small_job(job={**job, "workers": 2}), out=tmp_path / "par")
     assert sequential.global_model_path.read_bytes() == parallel.global_model_path.read_bytes()
     assert sequential.history[-1]["test"] == parallel.history[-1]["test"]
     # the workers' client-side events reach the run's event log

@@ -12,4 +12,5 @@ from flcore.markers import hookimpl
 def aggregate(ctx: Any, contributions: Iterable[Any]) -> dict[str, Any]:
     from flcore.aggregation import weighted_mean  # torch: imported on use, not on listing
 
-    return weighted_mean((c.weights, c.num_samples) for c in contributions)
+    exact = ctx is None or ctx.job.job.exact_mean
+    return weighted_mean(((c.weights, c.num_samples) for c in contributions), exact)
