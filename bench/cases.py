@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,7 @@ def case_d(repeat: int) -> Iterator[Row]:
     copy_t, _ = median_time(copy_all, repeat)
     for exact in (True, False):
         fedavg(exact)
-        agg_t, _ = median_time(lambda exact=exact: fedavg(exact), repeat)
+        agg_t, _ = median_time(partial(fedavg, exact), repeat)
         label = "exact float64" if exact else "running mean, exact_mean = false"
         yield Row(
             "D",

@@ -24,12 +24,14 @@ def test_workers_give_byte_identical_weights_to_the_embedded_runtime(
     parallel = run_job(small_job(job={**job, "workers": 2}), out=tmp_path / "par")
     assert sequential.global_model_path.read_bytes() == parallel.global_model_path.read_bytes()
     assert sequential.history[-1]["test"] == parallel.history[-1]["test"]
-    # the workers' client-side events reach the run's event log
-    workers = {
-        e.get("worker")
+    # the workers' events reach the run's event log
+    started = [
+        e
         for e in map(json.loads, (tmp_path / "par" / "events.jsonl").read_text().splitlines())
-    } - {None}
-    assert len(workers) == 2
+        if e["event"] == "worker_started"
+    ]
+    assert len({e["worker"] for e in started}) == 2
+    assert sorted(c for e in started for c in e["clients"]) == [f"client-{i}" for i in range(5)]
 
 
 def test_plugins_given_in_python_cannot_cross_into_workers(tmp_path: Path) -> None:

@@ -96,6 +96,7 @@ def worker_main(
     except Exception as err:  # reported to the server, which stops the run
         _send(conn, {"fatal": f"{type(err).__name__}: {err}"})
         return
+    log.info("worker_started", worker=os.getpid(), clients=sorted(clients))
     _send(conn, {"ready": True})
     while True:
         try:
