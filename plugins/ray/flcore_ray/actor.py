@@ -35,15 +35,20 @@ class ClientActor:
     def _build(
         self, job_text: str, source: str, indices: list[int], run_dir: str | None, threads: int
     ) -> None:
+        import importlib
+
         import torch
 
         from flcore.chain import Chain
         from flcore.client import Client, client_name
         from flcore.job import Job
         from flcore.logging import make_logger
+        from flcore.runtime.pool import PRELOAD
         from flcore.task import load_task
 
         torch.set_num_threads(threads)  # the same float results as every other runtime
+        for module in PRELOAD:  # what the first round would import lazily: now, in parallel
+            importlib.import_module(module)
         # the run's event log when this node sees the run directory (a local cluster)
         events = Path(run_dir) / "events.jsonl" if run_dir and Path(run_dir).is_dir() else None
         log = make_logger(events, console_level="critical").bind(worker=f"ray-{os.getpid()}")
