@@ -123,15 +123,15 @@ def serve(
     Raises :class:`ClientRefused` when the server refuses this client, and
     :class:`FLCoreError` when the server stays unreachable for ``give_up_after`` seconds.
     """
+    names = allowed_clients(job)
+    if name not in names:
+        raise ClientRefused(f"client {name!r} is not in the job's allowed clients {names}")
     import torch
 
     from flcore.chain import Chain
     from flcore.client import Client
     from flcore.task import load_task
 
-    names = allowed_clients(job)
-    if name not in names:
-        raise ClientRefused(f"client {name!r} is not in the job's allowed clients {names}")
     torch.set_num_threads(job.job.threads)
     chain = Chain.for_job(job)
     client = Client(job, load_task(job), chain, names.index(name), log, name=name)

@@ -1,0 +1,89 @@
+"""The wire format and the federation's certificates, without a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flcore.deploy import certs, wire
+from flcore.errors import JobError
+from tests.conftest import small_job
+
+
+def test_a_payload_crosses_in_chunks_and_back() -> None:
+    payload = bytes(range(256)) * (wire.CHUNK // 128 + 3)  # a few chunks and a bit
+    messages = list(wire.stream({"task": "t"}, payload))
+    assert len(messages) == 1 + -(-len(payload) // wire.CHUNK)
+    assert all(len(m) <= wire.CHUNK for m in messages[1:])
+    header, got = wire.receive(messages, len(payload), "reply")
+    assert header == {"task": "t", "size": len(payload)} and got == payload
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([], "truncated reply: the stream ended before its header"),
+        ([b"\xff"], "malformed reply header: not JSON"),
+        ([b"[1]"], "malformed reply header: not a JSON object"),
+        ([b"x" * (wire.MAX_HEADER + 1)], "malformed reply header: not a JSON header"),
+        ([b'{"size": -1}'], "'size' must be a non-negative integer"),
+        ([b'{"size": true}'], "'size' must be a non-negative integer"),
+        ([b'{"size": 101}'], "oversized reply: declares 101 bytes, the limit is 100"),
+        ([b'{"size": 4}', b"abc"], "truncated reply: 3 of the 4 bytes"),
+        ([b'{"size": 4}', b"abc", b"de"], "oversized reply: more than the 4 bytes"),
+    ],
+)
+def test_a_bad_stream_is_refused_with_its_reason(messages: list[bytes], reason: str) -> None:
+    with pytest.raises(wire.WireError) as info:
+        wire.receive(messages, 100, "reply")
+    assert reason in str(info.value)
+
+
+def test_certs_chain_to_the_federations_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    assert certs.make_ca(tmp_path) is True
+    assert certs.make_ca(tmp_path) is False  # kept: the CA is made once
+    certs.issue(tmp_path, "server", hosts=["127.0.0.1", "localhost"])
+    certs.issue(tmp_path, "client-0")
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    for name in ("server", "client-0"):
+        cert = x509.load_pem_x509_certificate((tmp_path / f"{name}.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        assert (tmp_path / f"{name}.key").stat().st_mode & 0o077 == 0
+    client = x509.load_pem_x509_certificate((tmp_path / "client-0.pem").read_bytes())
+    assert client.subject.rfc4514_string() == "CN=client-0"
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+
+
+def test_bad_certificate_requests_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(certs.CertError, match="cannot read the CA"):
+        certs.issue(tmp_path, "client-0")
+    certs.make_ca(tmp_path)
+    for bad in ("", "a b", "-x", "ca", "server", "x" * 65, "../up"):
+        with pytest.raises(certs.CertError, match="invalid client name"):
+            certs.check_name(bad)
+    with pytest.raises(certs.CertError, match="invalid host"):
+        certs.issue(tmp_path, "server", hosts=["not a host"])
+    with pytest.raises(certs.CertError, match=r"flcore certs .* --client client-9"):
+        certs.read_identity(tmp_path, "client-9")
+    (tmp_path / "ca.key").write_text("garbage")
+    with pytest.raises(certs.CertError, match="cannot read the CA"):
+        certs.make_ca(tmp_path)
+
+
+def test_allowed_clients_name_every_client_once() -> None:
+    assert small_job(job={"allowed_clients": ["a", "b", "c"]}).job.allowed_clients == [
+        "a",
+        "b",
+        "c",
+    ]
+    with pytest.raises(JobError, match="must name each of the 3 clients once"):
+        small_job(job={"allowed_clients": ["a", "b"]})
+    with pytest.raises(JobError, match="must name each of the 3 clients once"):
+        small_job(job={"allowed_clients": ["a", "a", "b"]})
+    with pytest.raises(JobError, match="invalid client name"):
+        small_job(job={"allowed_clients": ["a", "b", "no spaces"]})
+    with pytest.raises(JobError, match="round_timeout"):
+        small_job(job={"round_timeout": 0})
