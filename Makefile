@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy flcore examples $(foreach p,$(PLUGINS),$(wildcard $(p)/flcore_*))
+	$(BIN)/mypy flcore examples bench $(foreach p,$(PLUGINS),$(p)/flcore_$(notdir $(p)))
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest tests $(addsuffix /tests,$(PLUGINS))
