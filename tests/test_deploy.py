@@ -30,7 +30,7 @@ def names_of(run_dir: Path, event: str) -> list[str]:
 def test_three_clients_reach_the_embedded_runs_bytes(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    job = small_job(job={"rounds": 3, "heartbeat_interval": 0.5})
+    job = small_job(job={"rounds": 3, "heartbeat_interval": 1.0})
     deployment.certs(clients=NAMES)
     job_file = deployment.job(job)
     server, address = deployment.server(job_file, tmp_path / "run")
@@ -48,7 +48,7 @@ def test_three_clients_reach_the_embedded_runs_bytes(
 
 
 def test_clients_outside_the_federation_are_refused(deployment: Deployment, tmp_path: Path) -> None:
-    job = small_job(job={"rounds": 1, "clients": 2, "heartbeat_interval": 0.5})
+    job = small_job(job={"rounds": 1, "clients": 2, "heartbeat_interval": 1.0})
     deployment.certs(clients=("client-0", "client-1", "intruder"))
     evil = deployment.certs("evil", clients=("client-0",))  # another CA, an allowed name
     job_file = deployment.job(job)
@@ -99,7 +99,7 @@ def test_a_client_killed_mid_run_is_dropped_and_the_run_finishes(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     job = small_job(
-        job={"rounds": 3, "min_clients": 2, "heartbeat_interval": 0.3, "round_timeout": 120}
+        job={"rounds": 3, "min_clients": 2, "heartbeat_interval": 1.0, "round_timeout": 120}
     )
     deployment.certs(clients=NAMES)
     job_file = deployment.job(job)
@@ -126,7 +126,7 @@ def test_a_server_killed_after_round_3_resumes_to_the_same_bytes(
     deployment: Deployment, tmp_path: Path
 ) -> None:
     # rounds long enough (~0.5 s) that the kill lands before round 6 on a fast machine too
-    job = small_job(job={"rounds": 6, "heartbeat_interval": 0.5}, local={"epochs": 25})
+    job = small_job(job={"rounds": 6, "heartbeat_interval": 1.0}, local={"epochs": 25})
     deployment.certs(clients=NAMES)
     job_file = deployment.job(job)
     run = tmp_path / "run"

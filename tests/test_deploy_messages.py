@@ -15,7 +15,7 @@ from flcore.deploy.client import channel_credentials
 from flcore.deploy.server import job_digest
 from flcore.job import Job
 from tests.conftest import small_job
-from tests.deploy_support import Deployment, deployment_in, events, metrics
+from tests.deploy_support import Deployment, deployment_in, events, metrics, wait_for
 
 
 @pytest.fixture
@@ -36,12 +36,13 @@ def test_bad_messages_are_refused_and_the_others_are_served(
 ) -> None:
     job = small_job(
         job={
-            "rounds": 1,
+            "rounds": 2,
             "clients": 2,
             "min_clients": 1,
-            "heartbeat_interval": 0.3,
+            "heartbeat_interval": 1.0,
             "max_message_mb": 1,
-        }
+        },
+        local={"epochs": 30},  # the honest client's round 2 outlasts the rogue's rejoining
     )
     certs = deployment.certs(clients=("client-0", "client-1"))
     job_file = deployment.job(job)
@@ -93,7 +94,19 @@ def test_bad_messages_are_refused_and_the_others_are_served(
         # well framed, but not a codec payload: the trainer refuses the contribution
         reply(wire.stream(task, b"\x00" * 64), timeout=60)
         assert "late reply from client-1" in send(*wire.stream(task, b"\x00" * 64))
-        # the rogue goes silent: dropped, and the honest client finishes the run
+        # the rogue goes silent: dropped after four missed beats ...
+        wait_for(lambda: any(e["event"] == "client_dropped" for e in events(run)), "the drop")
+        # ... and, joining again, it is registered again and given the next request
+        session = wire.unpack(
+            join(wire.pack({"name": "client-1", "job": digest}), timeout=60), "join"
+        )["session"]
+        header = {"idle": True}
+        while header.get("idle"):
+            header, payload = wire.receive(
+                next_(wire.pack({"session": session}), timeout=120), 1 << 20, "task"
+            )
+        assert header.get("request") in {"train", "validate"}, header
+        reply(wire.stream({"session": session, "task": header["task"], "error": "no"}), timeout=60)
         assert deployment.wait(server) == 0, deployment.log(server)
     assert deployment.wait(honest) == 0
 
@@ -111,7 +124,10 @@ def test_bad_messages_are_refused_and_the_others_are_served(
         for e in events(run)
         if e["event"] == "client_refused"
     )
-    (line,) = metrics(run)
+    line = metrics(run)[0]
     assert line["clients"] == ["client-0"]
     assert any("contribution from client-1: malformed" in r for r in line["refused"])
-    assert [e["client"] for e in events(run) if e["event"] == "client_dropped"] == ["client-1"]
+    assert next(e["client"] for e in events(run) if e["event"] == "client_dropped") == "client-1"
+    registered = [e["client"] for e in events(run) if e["event"] == "client_register"]
+    assert registered.count("client-1") == 2
+    assert any(e["event"] == "client_rejoined" for e in events(run))
