@@ -124,6 +124,8 @@ class FLContext:
         from flcore.errors import RoundFailed
 
         assert self.run_dir is not None
+        if self.training is not None:
+            self.training.writer.wait()  # the committed model may still be on its way to disk
         path = self.run_dir / "global_model.safetensors"
         weights, meta = codec.load_file(path)
         if meta.get("round") != snap.round:

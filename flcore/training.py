@@ -15,6 +15,7 @@ from flcore import codec
 from flcore.chain import Chain
 from flcore.context import FLContext
 from flcore.data import seed_torch
+from flcore.durable import DurableWriter
 from flcore.errors import CodecError, FLCoreError, HandlerFailed, JobError, RoundFailed
 from flcore.job import Job
 from flcore.task import Task
@@ -48,6 +49,7 @@ class Training:
         self.finished = False
         self.history: list[dict[str, Any]] = []
         self.runtime: Any = None
+        self.writer = DurableWriter()
         #: The round's streaming FedAvg, folded while contributions arrive (None: batch).
         self.round_mean: Any = None
 
@@ -130,6 +132,7 @@ class Training:
                 if self.runtime is not None:
                     self.runtime.stop(ctx)
                 self.registry.pop(self.id, None)
+                self.writer.wait()  # the last round's files are on disk when run() returns
 
     def _guard(self, step: Any, stage: str, retries: int = 0) -> None:
         try:
@@ -206,18 +209,19 @@ class Training:
         # The global model's file is the checkpoint: the round and the plugins' saved state
         # travel in its metadata, so one atomic rename commits them together.
         meta = {"round": ctx.round, "job": self.job.job.name, "state": self.plugin_state()}
-        codec.save_file(self.run_dir / GLOBAL_MODEL, ctx.global_model, meta)
+        # Serialized now (plugins may edit the model later), written durably in the background.
+        model = codec.encode(ctx.global_model, meta)
+        files: list[tuple[Path, bytes | bytearray]] = [(self.run_dir / GLOBAL_MODEL, model)]
         if self.job.job.keep_round_models:
-            codec.save_file(
-                self.run_dir / "rounds" / f"{ctx.round:04d}" / GLOBAL_MODEL, ctx.global_model, meta
-            )
+            files.append((self.run_dir / "rounds" / f"{ctx.round:04d}" / GLOBAL_MODEL, model))
         checkpoint = {
             "round": ctx.round,
             "rounds": self.job.job.rounds,
             "global_model": GLOBAL_MODEL,
             "time": time.time(),
         }
-        codec.write_atomic(self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode())
+        files.append((self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode()))
+        self.writer.submit(files)
 
     def plugin_state(self) -> dict[str, Any]:
         """What the chain's ``save_state`` handlers return, by plugin name (JSON only)."""
