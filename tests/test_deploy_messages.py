@@ -39,7 +39,7 @@ def test_bad_messages_are_refused_and_the_others_are_served(
             "rounds": 2,
             "clients": 2,
             "min_clients": 1,
-            "heartbeat_interval": 1.0,
+            "heartbeat_interval": 2.0,
             "max_message_mb": 1,
         },
         local={"epochs": 30},  # the honest client's round 2 outlasts the rogue's rejoining
