@@ -98,3 +98,16 @@ round = 2
     assert any("worker process died" in r for r in rounds[1]["refused"])
     assert rounds[2]["clients"] == ["client-0", "client-2"]
     assert any("is gone" in r for r in rounds[2]["refused"])
+
+
+def test_a_swag_posterior_is_the_same_from_workers(tmp_path: Path) -> None:
+    pytest.importorskip("flcore_swag")
+    job = {"rounds": 2, "clients": 3}
+    swag = {"epochs": 2, "rank": 2, "samples": 2}
+    seq = run_job(small_job(["swag"], job=job, **{"plugins.swag": swag}), out=tmp_path / "seq")
+    par = run_job(
+        small_job(["swag"], job={**job, "workers": 2}, **{"plugins.swag": swag}),
+        out=tmp_path / "par",
+    )
+    for name in ("global_model.safetensors", "swag.safetensors"):
+        assert (seq.run_dir / name).read_bytes() == (par.run_dir / name).read_bytes(), name
