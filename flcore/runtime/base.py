@@ -16,6 +16,44 @@ if TYPE_CHECKING:
     from flcore.context import FLContext
 
 
+#: Hooks that run where the clients are: a plugin with one of them must be loadable there.
+CLIENT_HOOKS = (
+    "receive_model",
+    "receive_validation_models",
+    "send_validation_results",
+    "send_best_model",
+    "local_train",
+    "evaluate",
+    "predict",
+    "client_request",
+)
+
+
+def job_for_remote_clients(ctx: FLContext, setting: str, place: str) -> str:
+    """The job as TOML for clients in other processes, which load plugins from entry points.
+
+    Plugins given in Python (tests, stacks composed in code) cannot be loaded there: those
+    with server hooks only stay in the server and are left out of the clients' chain; one
+    with a client-side hook is a :class:`JobError` naming ``[job] setting``.
+    """
+    from flcore.errors import JobError
+    from flcore.job import dump_toml
+
+    given = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
+    client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx.chain.implementations(hook)}
+    if client_side & set(given):
+        raise JobError(
+            f"{ctx.job.where('job')}.{setting}: plugins {sorted(client_side & set(given))} were "
+            f"given in Python, not installed, and have client-side hooks that {place} cannot "
+            "load; install them or run the clients in this process"
+        )
+    section = dict(ctx.job.raw.get("plugins", {}))
+    section["chain"] = [n for n in section.get("chain", []) if n not in given]
+    for name in given:
+        section.pop(name, None)
+    return dump_toml({**ctx.job.raw, "plugins": section})
+
+
 @attrs.frozen
 class ClientResult:
     """One client's reply: a codec payload, or the reason it has none."""

@@ -21,20 +21,10 @@ from typing import Any, cast
 from flcore.client import client_name
 from flcore.codec import Payload
 from flcore.context import FLContext
-from flcore.errors import FLCoreError, JobError
-from flcore.runtime.base import ClientResult, Runtime
+from flcore.errors import FLCoreError
+from flcore.runtime.base import CLIENT_HOOKS, ClientResult, Runtime, job_for_remote_clients
 
-#: Hooks that run where the clients are: a plugin with one of them must be loadable there.
-CLIENT_HOOKS = (
-    "receive_model",
-    "receive_validation_models",
-    "send_validation_results",
-    "send_best_model",
-    "local_train",
-    "evaluate",
-    "predict",
-    "client_request",
-)
+__all__ = ["CLIENT_HOOKS", "ProcessPoolRuntime", "worker_main"]
 
 
 def _send(conn: Connection, header: dict[str, Any], payload: Payload | None = None) -> None:
@@ -141,17 +131,6 @@ def _context(task_module: str) -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _without(raw: Any, plugins: list[str]) -> str:
-    """The job as TOML for the workers, without the named plugins."""
-    from flcore.job import dump_toml
-
-    section = dict(raw.get("plugins", {}))
-    section["chain"] = [n for n in section.get("chain", []) if n not in plugins]
-    for name in plugins:
-        section.pop(name, None)
-    return dump_toml({**raw, "plugins": section})
-
-
 class ProcessPoolRuntime(Runtime):
     """``[job] workers = N``: N worker processes, clients dealt to them round-robin."""
 
@@ -162,19 +141,11 @@ class ProcessPoolRuntime(Runtime):
         self.assignment: dict[str, int] = {}
 
     def start(self, ctx: FLContext) -> list[str]:
-        given = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
-        client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx.chain.implementations(hook)}
-        if client_side & set(given):
-            raise JobError(
-                f"{ctx.job.where('job')}.workers: plugins {sorted(client_side & set(given))} were "
-                "given in Python, not installed, and have client-side hooks that worker "
-                "processes cannot load; install them or set workers = 0"
-            )
+        job_text = job_for_remote_clients(ctx, "workers", "worker processes")
         n_clients = ctx.job.job.clients
         workers = min(self.workers, n_clients)
         threads = ctx.job.job.threads
         mp = _context(ctx.job.job.task.partition(":")[0])
-        job_text = _without(ctx.job.raw, given)  # server-only plugins stay in the server
         for w in range(workers):
             indices = list(range(w, n_clients, workers))
             parent, child = mp.Pipe()
