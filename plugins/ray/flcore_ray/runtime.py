@@ -10,6 +10,7 @@ not answered (those clients are dropped for the round); Ray restarts it up to
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -201,25 +202,30 @@ class RayRuntime(Runtime):
                 continue
             pending[self.actors[a].handle.remote(request, [shared], name)] = (name, a)
         del shared  # the actors' calls hold the object now
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            name, a = pending.pop(ref)
-            try:
-                value = ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                self.suspect.add(a)
-                yield ClientResult(name, error=f"its Ray actor died: {_first_line(err)}")
-                continue
-            except ray.exceptions.RayError as err:  # lost object, crashed worker, ...
-                yield ClientResult(name, error=f"Ray failed it: {_first_line(err)}")
-                continue
-            finally:
-                del ref, ready
-            result = read_answer(value, name)
-            del value
-            yield result
-            del result  # a reply is the size of the model: never hold two
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                ref = ready[0]
+                name, a = pending.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    self.suspect.add(a)
+                    yield ClientResult(name, error=f"its Ray actor died: {_first_line(err)}")
+                    continue
+                except ray.exceptions.RayError as err:  # lost object, crashed worker, ...
+                    yield ClientResult(name, error=f"Ray failed it: {_first_line(err)}")
+                    continue
+                finally:
+                    del ref, ready
+                result = read_answer(value, name)
+                del value
+                yield result
+                del result  # a reply is the size of the model: never hold two
+        finally:  # the trainer stopped reading (a failed round): drop the calls not yet run
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
 
     def present(self, clients: Sequence[str]) -> list[str]:
         """The clients still in the federation: not those of an actor that is gone."""

@@ -1,5 +1,6 @@
-"""The digits task, with one client that stalls while a marker file exists: a test creates
-the file to hold that client's actor busy, then kills the actor in the middle of a round."""
+"""The digits task, with one client that stalls while a marker file exists (a test creates
+the file to hold that client's actor busy, then kills the actor in the middle of a round),
+or with no data at all (actors cannot start)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,12 @@ class Stalling(Dataset[Any]):
 class Task(Digits):
     stall_client: int = -1
     stall_marker: str = ""
+    #: Fail to load any client's data: the server never loads it, so only actors fail.
+    broken_data: bool = False
 
     def client_data(self, client_id: int, num_clients: int) -> Any:
+        if self.broken_data:
+            raise RuntimeError(f"no data for client {client_id}")
         data = super().client_data(client_id, num_clients)
         if client_id == self.stall_client:
             return Stalling(data, Path(self.stall_marker))

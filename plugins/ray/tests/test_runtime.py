@@ -110,3 +110,15 @@ def test_actors_the_cluster_cannot_place_stop_the_run_before_training(tmp_path: 
         run_job(job, out=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
     assert _cpus_back(2.0)
+
+
+def test_actors_that_cannot_load_their_clients_stop_the_run_before_training(
+    tmp_path: Path,
+) -> None:
+    job = ray_job(job={"task": "ray_tasks", "clients": 4}, task={"broken_data": True})
+    with pytest.raises(
+        FLCoreError, match=r"Ray actor 0 could not start: RuntimeError: no data for client 0"
+    ):
+        run_job(job, out=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert _cpus_back(2.0)
