@@ -112,6 +112,15 @@ class Training:
             started = True
             if saved_state is not None:
                 ctx.log.info("run_resumed", round=self.completed_round)
+                resumable = {name for name, _ in ctx.chain.implementations("resume")}
+                stateless = [n for n in self.job.chain if n not in resumable]
+                if stateless:
+                    ctx.log.warning(
+                        "resume_without_plugin_state",
+                        plugins=stateless,
+                        message="these plugins implement no resume hook: what they kept "
+                        "from earlier rounds starts over",
+                    )
                 self._guard(lambda: ctx.fire("resume", state=saved_state), "startup")
             self.clients = self.runtime.start(ctx)
             for client in self.clients:

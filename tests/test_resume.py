@@ -88,6 +88,25 @@ def test_hook_resume(tmp_path: Path) -> None:
     assert counter.rounds_seen == 4
     events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "run_resumed" and e["round"] == 1 for e in events)
+    assert not any(e["event"] == "resume_without_plugin_state" for e in events)
+
+
+def test_a_resume_names_the_plugins_that_keep_no_state(tmp_path: Path) -> None:
+    class Forgetful:
+        @hookimpl
+        def end_round(self, ctx: Any) -> None:
+            if ctx.round == 2 and not getattr(self, "resumed", False):
+                raise RuntimeError("the server died")
+
+    job = small_job(["forgetful"], job={"rounds": 3})
+    with pytest.raises(RunFailed):
+        run_job(job, out=tmp_path / "run", extra_plugins={"forgetful": Forgetful()})
+    again = Forgetful()
+    again.resumed = True  # type: ignore[attr-defined]
+    run_job(job, out=tmp_path / "run", extra_plugins={"forgetful": again}, resume=True)
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    (warning,) = [e for e in events if e["event"] == "resume_without_plugin_state"]
+    assert warning["plugins"] == ["forgetful"]
 
 
 def test_a_fresh_run_never_fires_resume(tmp_path: Path) -> None:
