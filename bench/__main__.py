@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown case(s) {unknown}; known: {sorted(cases.CASES)}")
     import torch
 
-    torch.set_num_threads(1)  # the baseline is single-threaded; flcore's clients use [job] threads = 1
+    # the baseline is single-threaded; flcore's clients use [job] threads = 1
+    torch.set_num_threads(1)
     print(f"{'case':<6}{'what':<52}{'flcore':>12}{'baseline':>12}{'ratio':>8}  target")
     for name in args.cases:
         for row in cases.CASES[name](args.repeat):

@@ -243,6 +243,13 @@ def case_f(repeat: int) -> Iterator[Row]:
     )
 
 
+def case_r(repeat: int) -> Iterator[Row]:
+    """Case A on the Ray runtime (needs flcore-ray installed)."""
+    from bench.ray_case import case_ray
+
+    yield from case_ray(repeat)
+
+
 CASES: dict[str, Callable[[int], Iterator[Row]]] = {
     "A": case_a,
     "B": case_b,
@@ -250,4 +257,5 @@ CASES: dict[str, Callable[[int], Iterator[Row]]] = {
     "D": case_d,
     "E": case_e,
     "F": case_f,
+    "R": case_r,
 }
