@@ -61,6 +61,16 @@ def test_bad_messages_are_refused_and_the_others_are_served(
         reply = channel.stream_unary(wire.REPLY)
         assert "malformed join request" in refused(lambda: join(b"\xff{", timeout=60))
         digest = job_digest(Job.load(job_file))
+        assert "claims to be 'client-0' but its certificate names 'client-1'" in refused(
+            lambda: join(wire.pack({"name": "client-0", "job": digest}), timeout=60),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        beat = channel.unary_unary(wire.BEAT)
+        assert "malformed heartbeat" in refused(lambda: beat(b"[]", timeout=60))
+        assert "heartbeat: unknown session" in refused(
+            lambda: beat(wire.pack({"session": "forged"}), timeout=60), grpc.StatusCode.NOT_FOUND
+        )
+        assert "malformed work request" in refused(lambda: list(next_(b"\x00", timeout=60)))
         session = wire.unpack(
             join(wire.pack({"name": "client-1", "job": digest}), timeout=60), "join"
         )["session"]
