@@ -18,22 +18,10 @@ from typing import Any
 from flcore.client import client_name
 from flcore.codec import Payload
 from flcore.context import FLContext
-from flcore.errors import FLCoreError, JobError
-from flcore.runtime.base import ClientResult, Runtime
-from flcore.runtime.pool import CLIENT_HOOKS
+from flcore.errors import FLCoreError
+from flcore.runtime.base import ClientResult, Runtime, job_for_remote_clients
 from flcore_ray.actor import ClientActor
 from flcore_ray.settings import RaySettings
-
-
-def job_for_actors(raw: Any, leave_out: Sequence[str]) -> str:
-    """The job as TOML for the actors, without the plugins that stay in the server."""
-    from flcore.job import dump_toml
-
-    section = dict(raw.get("plugins", {}))
-    section["chain"] = [n for n in section.get("chain", []) if n not in leave_out]
-    for name in leave_out:
-        section.pop(name, None)
-    return dump_toml({**raw, "plugins": section})
 
 
 def read_answer(value: Any, client: str) -> ClientResult:
@@ -100,21 +88,14 @@ class RayRuntime(Runtime):
         return max(1, min(fit, clients))
 
     def start(self, ctx: FLContext) -> list[str]:
-        given = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
-        client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx.chain.implementations(hook)}
-        if client_side & set(given):
-            raise JobError(
-                f"{ctx.job.where('job')}.runtime: plugins {sorted(client_side & set(given))} "
-                "were given in Python, not installed, and have client-side hooks that Ray "
-                "actors cannot load; install them or run the job on the embedded runtime"
-            )
+        # refuses plugins given in Python with client-side hooks; server-only ones stay here
+        job_text = job_for_remote_clients(ctx, "runtime", "Ray actors")
         import ray
 
         self.connect(ctx)
         s = self.settings
         n_clients = ctx.job.job.clients
         count = self.actor_count(n_clients)
-        job_text = job_for_actors(ctx.job.raw, given)  # server-only plugins stay here
         run_dir = str(ctx.run_dir) if ctx.run_dir else None
         remote = ray.remote(ClientActor).options(
             num_cpus=s.cpus_per_client,
@@ -254,4 +235,4 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-__all__ = ["CLIENT_HOOKS", "RayRuntime", "job_for_actors", "read_answer"]
+__all__ = ["RayRuntime", "read_answer"]

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from flcore_ray.runtime import job_for_actors, read_answer
-from ray_helpers import ray_job
+from flcore_ray.runtime import read_answer
 
 from flcore import codec
 
@@ -38,9 +37,3 @@ def test_anything_else_is_that_clients_error(value: Any) -> None:
     result = read_answer(value, "client-0")
     assert result.payload is None
     assert result.error == f"its actor answered {type(value).__name__}, not a reply"
-
-
-def test_the_actors_job_leaves_out_the_plugins_that_stay_in_the_server() -> None:
-    job = ray_job(["ray", "server_only"], **{"plugins.server_only": {"x": 1}})
-    text = job_for_actors(job.raw, ["server_only"])
-    assert 'chain = ["ray"]' in text and "server_only" not in text
