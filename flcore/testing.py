@@ -8,6 +8,7 @@ the distributions it must not see, plus the ones it installs.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -15,6 +16,8 @@ import venv
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from flcore.markers import hookimpl
 
@@ -101,6 +104,41 @@ def isolated_python(
             env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
         )
     return python
+
+
+@attrs.frozen
+class Environment:
+    """An environment made by :func:`install_alone`; :meth:`run` runs its ``python``."""
+
+    python: Path
+    root: Path
+    cwd: Path
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        return subprocess.run(
+            [str(self.python), *args],
+            cwd=self.cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+def install_alone(plugin_dir: Path, distribution: str, dest: Path, cwd: Path) -> Environment:
+    """What a user gets from ``pip install ./plugin_dir`` beside the core: an environment in
+    which that plugin, installed from a copy of its directory (the build then writes nothing
+    into the source tree), is the only plugin. Its commands run in ``cwd``."""
+    source = dest / "src"
+    shutil.copytree(
+        plugin_dir,
+        source,
+        ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__"),
+    )
+    root = dest / "env"
+    python = isolated_python(root, exclude=[distribution], only_plugins=[], install=[source])
+    return Environment(python=python, root=root, cwd=cwd)
 
 
 class RecordingPlugin:

@@ -35,11 +35,10 @@ def small_job(chain: list[str] | None = None, **sections: dict[str, Any]) -> Job
 def plugin_env_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An environment with flcore and tests/fixtures/test_plugins pip-installed (built from
     source, as a third party's distribution), without the repo's own plugins."""
-    from flcore.testing import isolated_python
+    from flcore.testing import install_alone
 
-    env = tmp_path_factory.mktemp("env")
     dist = ROOT / "tests" / "fixtures" / "test_plugins"
-    return isolated_python(env / "venv", only_plugins=[], install=[dist])
+    return install_alone(dist, "flcore-test-plugins", tmp_path_factory.mktemp("env"), ROOT).python
 
 
 @pytest.fixture

@@ -182,3 +182,18 @@ def test_listing_plugins_does_not_import_torch(python: Path) -> None:
     )
     result = subprocess.run([str(python), "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_install_alone_makes_the_plugin_the_only_one(tmp_path: Path) -> None:
+    from flcore.testing import install_alone
+
+    alone = install_alone(
+        ROOT / "tests" / "fixtures" / "test_plugins", "flcore-test-plugins", tmp_path, cwd=ROOT
+    )
+    listed = alone.run("-m", "flcore", "plugins", "--json")
+    assert listed.returncode == 0, listed.stderr
+    names = {p["name"] for p in json.loads(listed.stdout) if not p["builtin"]}
+    assert names == {"recorder_a", "recorder_b", "failing", "broken", "crash"}
+    where = alone.run("-c", "import flcore_test_plugins as p; print(p.__file__)")
+    assert Path(where.stdout.strip()).is_relative_to(alone.root)  # the copy, not the source
+    assert not list((ROOT / "tests" / "fixtures" / "test_plugins").glob("*.egg-info"))

@@ -4,13 +4,10 @@ entry point and its tests pass: what a user gets from ``pip install ./plugins/mo
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-from flcore.testing import isolated_python
+from flcore.testing import install_alone
 
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS.parent
@@ -18,21 +15,8 @@ REPO = PLUGIN.parents[1]
 
 
 def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
-    # a copy is installed, so that the build writes nothing into the shared source tree
-    source = tmp_path / "src"
-    shutil.copytree(
-        PLUGIN, source, ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__")
-    )
-    env_dir = tmp_path / "env"
-    python = isolated_python(
-        env_dir, exclude=["flcore-model-selection"], only_plugins=[], install=[source]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(python), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
+    alone = install_alone(PLUGIN, "flcore-model-selection", tmp_path, cwd=REPO)
+    run, env_dir = alone.run, alone.root
 
     probe = run(
         "-c",

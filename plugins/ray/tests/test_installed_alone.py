@@ -4,14 +4,11 @@ hooks, importing it loads neither ray nor torch, and a job runs on Ray from the 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 from ray_helpers import ROOT, TESTS
 
-from flcore.testing import isolated_python
+from flcore.testing import install_alone
 
 JOB = """
 [job]
@@ -30,20 +27,8 @@ chain = ["ray"]
 
 
 def test_installed_alone_it_is_listed_and_runs_a_job(tmp_path: Path) -> None:
-    source = tmp_path / "src"  # a copy: the build writes nothing into the shared tree
-    shutil.copytree(
-        TESTS.parent,
-        source,
-        ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__"),
-    )
-    env_dir = tmp_path / "env"
-    python = isolated_python(env_dir, exclude=["flcore-ray"], only_plugins=[], install=[source])
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(python), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-        )
+    alone = install_alone(TESTS.parent, "flcore-ray", tmp_path, cwd=ROOT)
+    run, env_dir = alone.run, alone.root
 
     probe = run(
         "-c",

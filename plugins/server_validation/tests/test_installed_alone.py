@@ -4,13 +4,10 @@ tests pass: what a user gets from ``pip install ./plugins/server_validation``.""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
-from flcore.testing import isolated_python
+from flcore.testing import install_alone
 
 TESTS = Path(__file__).resolve().parent
 PLUGIN = TESTS.parent
@@ -18,24 +15,12 @@ REPO = PLUGIN.parents[1]
 
 
 def test_installed_alone_its_tests_pass(tmp_path: Path) -> None:
-    # Install a copy, so the build leaves nothing in the source tree other sessions share.
-    source = tmp_path / "src"
-    shutil.copytree(
-        PLUGIN, source, ignore=shutil.ignore_patterns("*.egg-info", "build", "tests", "__pycache__")
-    )
-    python = isolated_python(
-        tmp_path / "env", exclude=["flcore-server-validation"], only_plugins=[], install=[source]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(python), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
+    alone = install_alone(PLUGIN, "flcore-server-validation", tmp_path, cwd=REPO)
+    run = alone.run
 
     where = run("-c", "import flcore_server_validation as p; print(p.__file__)")
     assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()).is_relative_to(tmp_path / "env")  # the installed copy
+    assert Path(where.stdout.strip()).is_relative_to(alone.root)  # the installed copy
 
     listed = run("-m", "flcore", "plugins", "--json")
     assert listed.returncode == 0, listed.stderr
