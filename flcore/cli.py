@@ -280,9 +280,21 @@ def _check_address(address: str, option: str) -> None:
 @click.option(
     "--job",
     "job_file",
-    required=True,
     type=click.Path(dir_okay=False),
     help="The federation's job file (the server checks it is the same job).",
+)
+@click.option(
+    "--task",
+    metavar="MODULE[:OBJECT]",
+    help="Without --job: take the job from the server and train this task, this client's "
+    "own choice (the server's [job] task and [task] are ignored, never imported).",
+)
+@click.option(
+    "--task-set",
+    "task_settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --task: a setting of the task's [task] section (value read as TOML); repeatable.",
 )
 @click.option(
     "--certs",
@@ -310,7 +322,9 @@ def _check_address(address: str, option: str) -> None:
 def client(
     target: str,
     name: str,
-    job_file: str,
+    job_file: str | None,
+    task: str | None,
+    task_settings: tuple[str, ...],
     certs: str | None,
     cert: str | None,
     key: str | None,
@@ -319,7 +333,16 @@ def client(
     give_up_after: float,
     verbose: bool,
 ) -> None:
-    """Be client NAME of the federation served at --server until the run ends."""
+    """Be client NAME of the federation served at --server until the run ends.
+
+    \b
+    Give the job one of two ways:
+      --job job.toml            the same job file (and --set) as the server
+      --task MODULE[:OBJECT]    take the job from the server, train this task
+                                (settings: --task-set KEY=VALUE)
+    With --task, the server's job text is read as data; its [job] task and [task]
+    are replaced by this client's, and the server checks that all the rest agrees.
+    """
     from pathlib import Path
 
     from flcore.errors import FLCoreError
@@ -335,7 +358,18 @@ def client(
                 "the client needs --certs DIR (ca.pem and its certificate) or, for a trusted "
                 "network only, --insecure"
             )
-        job = Job.load(job_file, overrides)
+        if job_file is not None and (task is not None or task_settings):
+            raise FLCoreError("give --job or --task (with --task-set), not both")
+        if task is None and task_settings:
+            raise FLCoreError("--task-set needs --task")
+        if job_file is None and task is None:
+            raise FLCoreError(
+                "give --job job.toml (the federation's job file) or --task MODULE[:OBJECT] "
+                "(this client's task; the rest of the job comes from the server)"
+            )
+        if job_file is None and overrides:
+            raise FLCoreError("--set needs --job (with --task, the job comes from the server)")
+        job = Job.load(job_file, overrides) if job_file is not None else None
         credentials = None
         if certs is not None:
             from flcore.deploy.certs import CertError, check_name, read_identity
@@ -361,7 +395,16 @@ def client(
         from flcore.deploy.client import serve
 
         log = make_logger(None, console_level="info" if verbose else "warning").bind(client=name)
-        serve(job, name, target, credentials, log, give_up_after=give_up_after)
+        serve(
+            job,
+            name,
+            target,
+            credentials,
+            log,
+            give_up_after=give_up_after,
+            task=task,
+            task_settings=task_settings,
+        )
     except FLCoreError as err:
         _fail(err)
         return

@@ -113,8 +113,9 @@ class Deployment:
         return proc, wait_for(listening, "the server to listen")
 
     def client(
-        self, address: str, name: str, job: Path, *extra: str, certs: str = "certs"
+        self, address: str, name: str, job: Path | None, *extra: str, certs: str = "certs"
     ) -> subprocess.Popen[bytes]:
+        """Start ``flcore client``; ``job`` None: no ``--job`` (give ``--task`` in ``extra``)."""
         tls = [] if "--insecure" in extra else ["--certs", str(self.folder / certs)]
         return self.start(
             f"{name}.log",
@@ -123,8 +124,7 @@ class Deployment:
             address,
             "--name",
             name,
-            "--job",
-            str(job),
+            *(["--job", str(job)] if job is not None else []),
             *tls,
             "-v",
             *extra,

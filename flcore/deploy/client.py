@@ -7,13 +7,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any
+import tomllib
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import grpc
 
 from flcore.deploy import wire
-from flcore.deploy.server import allowed_clients, job_digest
-from flcore.errors import FLCoreError
+from flcore.deploy.server import allowed_clients, job_digest, shared_digest
+from flcore.errors import FLCoreError, JobError
+
+T = TypeVar("T")
+#: Largest job text a client accepts from the server.
+MAX_JOB_TEXT = 16 * 1024 * 1024
 
 #: gRPC codes after which a client tries again: the server is down, restarting or forgot us.
 RETRY = {
@@ -40,25 +46,42 @@ def channel_credentials(ca: bytes, cert: bytes, key: bytes) -> Any:
 class Connection:
     """One client's link to the server: join, beat, next, reply."""
 
-    def __init__(self, target: str, credentials: Any, name: str, digest: str) -> None:
+    def __init__(
+        self, target: str, credentials: Any, name: str, digest: str, own_task: bool = False
+    ) -> None:
         self.name = name
         self.target = target
         self.digest = digest
+        #: The client names its own task: the server compares the job without it.
+        self.own_task = own_task
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=wire.grpc_options())
         else:
             self.channel = grpc.secure_channel(target, credentials, options=wire.grpc_options())
         self.join_rpc = self.channel.unary_unary(wire.JOIN)
+        self.job_rpc = self.channel.unary_stream(wire.JOB)
         self.beat_rpc = self.channel.unary_unary(wire.BEAT)
         self.next_rpc = self.channel.unary_stream(wire.NEXT)
         self.reply_rpc = self.channel.stream_unary(wire.REPLY)
         self.session: str | None = None
 
-    def join(self, timeout: float) -> dict[str, Any]:
-        answer = wire.unpack(
-            self.join_rpc(wire.pack({"name": self.name, "job": self.digest}), timeout=timeout),
-            "join answer",
+    def fetch_job(self, timeout: float) -> str:
+        """The server's resolved job, as TOML text (data only: never imported or run)."""
+        _, text = wire.receive(
+            self.job_rpc(wire.pack({"name": self.name}), timeout=timeout),
+            MAX_JOB_TEXT,
+            "job from the server",
         )
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise JobError(f"malformed job from the server: not UTF-8 ({err})") from None
+
+    def join(self, timeout: float) -> dict[str, Any]:
+        hello: dict[str, Any] = {"name": self.name, "job": self.digest}
+        if self.own_task:
+            hello["own_task"] = True
+        answer = wire.unpack(self.join_rpc(wire.pack(hello), timeout=timeout), "join answer")
         self.session = answer["session"]
         return answer
 
@@ -109,6 +132,56 @@ def refusal(err: grpc.RpcError) -> ClientRefused | None:
     return ClientRefused(f"the server refused this client: {err.details()}")
 
 
+def job_from_server(
+    text: str, task: str, task_settings: Iterable[str] = (), source: str = "the server's job"
+) -> Any:
+    """The job a client without ``--job`` runs: the server's resolved job ``text`` (TOML,
+    parsed as data), with ``[job] task`` and ``[task]`` replaced by this client's own choice
+    (``task`` and ``key=value`` settings), so the server never picks what the client imports."""
+    from flcore.job import Job, apply_override
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise JobError(f"malformed job from the server: not valid TOML: {err}") from None
+    if not isinstance(data.get("job"), dict):
+        raise JobError("malformed job from the server: it has no [job] table")
+    if not task or not isinstance(task, str):
+        raise JobError("--task: give the task's import path, MODULE[:OBJECT]")
+    data.pop("task", None)
+    data["job"]["task"] = task
+    data["task"] = {}
+    for setting in task_settings:
+        if "=" not in setting:
+            raise JobError(f"--task-set {setting!r}: expected key=value")
+        apply_override(data, f"task.{setting}", "--task-set")
+    return Job.from_dict(data, source=source)
+
+
+def _retrying(
+    call: Callable[[], T], target: str, log: Any, give_up_after: float, max_backoff: float
+) -> T:
+    """``call()``, tried again with backoff while the server is unreachable."""
+    backoff, unreachable_since = 0.2, None
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            refused = refusal(err)
+            if refused is not None:
+                raise refused from None
+            now = time.monotonic()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > give_up_after:
+                raise FLCoreError(
+                    f"the server at {target} stayed unreachable for {give_up_after:g} s "
+                    f"(or refused this client's certificate at the TLS handshake): {err.details()}"
+                ) from None
+            log.info("server_unreachable", retry_in=backoff, reason=err.details())
+            time.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff)
+
+
 def serve(
     job: Any,
     name: str,
@@ -117,12 +190,28 @@ def serve(
     log: Any,
     give_up_after: float = 600.0,
     max_backoff: float = 5.0,
+    task: str | None = None,
+    task_settings: Iterable[str] = (),
 ) -> None:
     """Be client ``name`` of the job's federation at ``target`` until the server says stop.
 
-    Raises :class:`ClientRefused` when the server refuses this client, and
+    ``job`` None: take the job from the server and train ``task`` (this client's own
+    choice, with ``task_settings``) in it; the server then checks that everything but the
+    task agrees. Raises :class:`ClientRefused` when the server refuses this client, and
     :class:`FLCoreError` when the server stays unreachable for ``give_up_after`` seconds.
     """
+    if job is None:
+        if task is None:
+            raise FLCoreError("give the job (--job job.toml) or this client's task (--task)")
+        link = Connection(target, credentials, name, "")
+        try:
+            text = _retrying(
+                lambda: link.fetch_job(timeout=60.0), target, log, give_up_after, max_backoff
+            )
+        finally:
+            link.close()
+        job = job_from_server(text, task, task_settings, source=f"the job of {target}")
+        log.info("job_received", task=task)
     names = allowed_clients(job)
     if name not in names:
         raise ClientRefused(f"client {name!r} is not in the job's allowed clients {names}")
@@ -136,7 +225,9 @@ def serve(
     chain = Chain.for_job(job)
     client = Client(job, load_task(job), chain, names.index(name), log, name=name)
     max_size = job.job.max_message_mb * 1024 * 1024
-    conn = Connection(target, credentials, name, job_digest(job))
+    own_task = task is not None
+    digest = shared_digest(job) if own_task else job_digest(job)
+    conn = Connection(target, credentials, name, digest, own_task=own_task)
     try:
         _loop(conn, client, job, log, max_size, give_up_after, max_backoff)
     finally:

@@ -49,6 +49,16 @@ def job_digest(job: Any) -> str:
     return hashlib.sha256(job.to_toml().encode()).hexdigest()
 
 
+def shared_digest(job: Any) -> str:
+    """What a client that names its own task (``flcore client --task``) and the server
+    compare: the resolved job without ``[job] task`` and the ``[task]`` section."""
+    from flcore.job import dump_toml
+
+    data = {k: v for k, v in job.raw.items() if k != "task"}
+    data["job"] = {k: v for k, v in data.get("job", {}).items() if k != "task"}
+    return hashlib.sha256(dump_toml(data).encode()).hexdigest()
+
+
 @attrs.define(eq=False)
 class Task:
     """One request to one client; the reply goes to ``results`` as ``(name, id, reply, error)``."""
@@ -81,6 +91,8 @@ class Federation:
         self.log = log
         self.identity_from_tls = identity_from_tls
         self.digest = job_digest(job)
+        self.shared = shared_digest(job)
+        self.job_text = job.to_toml().encode()
         self.max_size = job.job.max_message_mb * 1024 * 1024
         self.members = {name: Member(name) for name in allowed_clients(job)}
         self.lock = threading.Lock()
@@ -97,11 +109,8 @@ class Federation:
         names = context.auth_context().get("x509_common_name") or []
         return names[0].decode() if names else None
 
-    def join(self, request: bytes, context: Any) -> bytes:
-        try:
-            hello = wire.unpack(request, "join request")
-        except wire.WireError as err:
-            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "client_refused", str(err))
+    def identify(self, hello: dict[str, Any], context: Any) -> str:
+        """The allowed name of the client behind ``hello``, or refuse it."""
         claimed = hello.get("name")
         name = self.tls_name(context) if self.identity_from_tls else claimed
         if self.identity_from_tls and name is None:
@@ -128,16 +137,40 @@ class Federation:
                 f"claims to be {claimed!r} but its certificate names {name!r}",
                 client=name,
             )
-        if hello.get("job") != self.digest:
+        assert isinstance(name, str)
+        return name
+
+    def send_job(self, request: bytes, context: Any) -> Iterator[bytes]:
+        """The resolved job's TOML text, for an allowed client started without ``--job``
+        (it replaces the task with its own; the text is data, parsed with tomllib)."""
+        try:
+            hello = wire.unpack(request, "job request")
+        except wire.WireError as err:
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "client_refused", str(err))
+        name = self.identify(hello, context)
+        self.log.info("job_sent", client=name, peer=context.peer())
+        yield from wire.stream({}, self.job_text)
+
+    def join(self, request: bytes, context: Any) -> bytes:
+        try:
+            hello = wire.unpack(request, "join request")
+        except wire.WireError as err:
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "client_refused", str(err))
+        name = self.identify(hello, context)
+        own_task = hello.get("own_task") is True
+        if hello.get("job") != (self.shared if own_task else self.digest):
             self.refuse(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "client_refused",
-                "the client's job differs from the server's (same job file and --set "
-                "overrides on both sides)",
+                "the client's job differs from the server's "
+                + (
+                    "(outside the task it names itself)"
+                    if own_task
+                    else "(same job file and --set overrides on both sides)"
+                ),
                 client=name,
             )
-        assert isinstance(name, str)
         with self.lock:
             member = self.members[name]
             if member.current is not None:  # it lost its work by reconnecting
@@ -241,6 +274,7 @@ class Federation:
             wire.SERVICE,
             {
                 "Join": grpc.unary_unary_rpc_method_handler(self.join, identity, identity),
+                "Job": grpc.unary_stream_rpc_method_handler(self.send_job, identity, identity),
                 "Beat": grpc.unary_unary_rpc_method_handler(self.beat, identity, identity),
                 "Next": grpc.unary_stream_rpc_method_handler(self.next, identity, identity),
                 "Reply": grpc.stream_unary_rpc_method_handler(self.reply, identity, identity),

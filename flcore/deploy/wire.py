@@ -18,6 +18,7 @@ JOIN = f"/{SERVICE}/Join"
 NEXT = f"/{SERVICE}/Next"
 REPLY = f"/{SERVICE}/Reply"
 BEAT = f"/{SERVICE}/Beat"
+JOB = f"/{SERVICE}/Job"
 
 CHUNK = 1024 * 1024
 #: Largest single gRPC message either side accepts: a chunk, with room for a header.
