@@ -192,3 +192,44 @@ def test_plaintext_needs_a_flag_and_warns(deployment: Deployment, tmp_path: Path
     assert deployment.wait(client) == 0, deployment.log(client)
     for proc in (server, client):
         assert "WARNING: --insecure: plaintext" in deployment.log(proc)
+
+
+def test_a_client_that_stalls_is_dropped_after_the_round_timeout(
+    deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flcore.job import Job
+
+    job = Job.from_dict(
+        {
+            "job": {
+                "name": "stall",
+                "task": "tests.deploy_stall_task",
+                "rounds": 2,
+                "clients": 3,
+                "min_clients": 2,
+                "heartbeat_interval": 2.0,
+                "round_timeout": 20.0,
+            },
+            "local": {"batch_size": 8},
+        }
+    )
+    deployment.certs(clients=NAMES)
+    job_file = deployment.job(job)
+    run = tmp_path / "run"
+    server, address = deployment.server(job_file, run)
+    clients = []
+    for name in NAMES:
+        if name == "client-1":
+            monkeypatch.setenv("FLCORE_TEST_STALL", "1")  # only this process stalls
+        clients.append(deployment.client(address, name, job_file))
+        monkeypatch.delenv("FLCORE_TEST_STALL", raising=False)
+    assert deployment.wait(server) == 0, deployment.log(server)
+    lines = metrics(run)
+    assert [m["round"] for m in lines] == [1, 2]
+    assert lines[0]["clients"] == ["client-0", "client-2"]  # the round went on without it
+    dropped = [e for e in events(run) if e["event"] == "client_dropped"]
+    assert [e["client"] for e in dropped] == ["client-1"]
+    assert "round_timeout" in dropped[0]["reason"]  # alive (it kept beating), but too slow
+    assert names_of(run, "client_quit").count("client-1") == 1
+    for client in (clients[0], clients[2]):
+        assert deployment.wait(client) == 0
