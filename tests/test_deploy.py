@@ -233,3 +233,33 @@ def test_a_client_that_stalls_is_dropped_after_the_round_timeout(
     assert names_of(run, "client_quit").count("client-1") == 1
     for client in (clients[0], clients[2]):
         assert deployment.wait(client) == 0
+
+
+def test_too_few_clients_fail_the_round_and_keep_the_previous_model(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    job = small_job(
+        job={
+            "rounds": 3,
+            "min_clients": 3,
+            "heartbeat_interval": 2.0,
+            "round_timeout": 120,
+            "keep_round_models": True,
+        }
+    )
+    deployment.certs(clients=NAMES)
+    job_file = deployment.job(job)
+    run = tmp_path / "run"
+    server, address = deployment.server(job_file, run)
+    clients = [deployment.client(address, name, job_file) for name in NAMES]
+    wait_for(lambda: len(metrics(run)) >= 1, "round 1")
+    clients[2].send_signal(signal.SIGKILL)
+    assert deployment.wait(server) != 0  # the run stops: a round cannot have 3 contributions
+    log = deployment.log(server)
+    # the kill lands in round 2, or in round 3 if client-2 had already answered round 2
+    failed = next(r for r in (2, 3) if f"Round {r} failed" in log)
+    assert "2 of 3 contributions accepted, 3 needed" in log
+    assert [m["round"] for m in metrics(run)] == list(range(1, failed))
+    kept = (run / "global_model.safetensors").read_bytes()
+    last = run / "rounds" / f"{failed - 1:04d}" / "global_model.safetensors"
+    assert kept == last.read_bytes()
