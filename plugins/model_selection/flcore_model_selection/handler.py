@@ -15,6 +15,7 @@ round failed in an event this plugin did not handle, at the next ``start_round``
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -119,6 +120,19 @@ class ModelSelectionHandler:
             weigh_by_local_iter=s.weigh_by_local_iter,
             aggregation_weights=dict(s.aggregation_weights),
         )
+
+    @hookimpl
+    def save_state(self, ctx: FLContext) -> dict[str, Any]:
+        """The selection, written with each committed round: a resumed run keeps its best."""
+        return copy.deepcopy(ctx.state[PLUGIN_NAME])
+
+    @hookimpl
+    def resume(self, ctx: FLContext, state: Mapping[str, Any]) -> None:
+        me = ctx.chain.pm.get_name(self) or PLUGIN_NAME
+        saved = state.get(me)
+        if saved is not None:
+            ctx.state[PLUGIN_NAME] = {**fresh_state(), **copy.deepcopy(dict(saved))}
+            ctx.log.info("model_selection_resumed", best=saved.get("best"))
 
     @hookimpl
     def start_round(self, ctx: FLContext) -> None:
