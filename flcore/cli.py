@@ -14,6 +14,20 @@ def _fail(err: Exception, code: int = 1) -> None:
     sys.exit(code)
 
 
+# Options that several commands share, defined once.
+out_option = click.option(
+    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME)."
+)
+resume_option = click.option(
+    "--resume",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its last completed round.",
+)
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, help="Show info events on the console."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flcore")
 def main() -> None:
@@ -29,21 +43,15 @@ def main() -> None:
     metavar="SECTION.KEY=VALUE",
     help="Override a job setting (value read as TOML); repeatable.",
 )
-@click.option(
-    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME)."
-)
+@out_option
 @click.option(
     "--log-format",
     type=click.Choice(["console", "json"]),
     default="console",
     help="Console output: readable lines or JSON lines.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False),
-    help="Continue the run in this directory from its last completed round.",
-)
+@verbose_option
+@resume_option
 def run(
     job_file: str | None,
     overrides: tuple[str, ...],
@@ -198,15 +206,9 @@ _PLAINTEXT_WARNING = (
     metavar="SECTION.KEY=VALUE",
     help="Override a job setting (value read as TOML); repeatable; clients need the same.",
 )
-@click.option(
-    "--out", type=click.Path(file_okay=False), help="Run directory (default runs/NAME-TIME)."
-)
-@click.option(
-    "--resume",
-    type=click.Path(file_okay=False),
-    help="Continue the run in this directory from its last completed round.",
-)
-@click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
+@out_option
+@resume_option
+@verbose_option
 def server(
     job_file: str,
     listen: str,
@@ -318,7 +320,7 @@ def _check_address(address: str, option: str) -> None:
     show_default=True,
     help="Seconds to keep retrying an unreachable server.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Show info events on the console.")
+@verbose_option
 def client(
     target: str,
     name: str,

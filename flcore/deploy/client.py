@@ -244,26 +244,15 @@ def _loop(
     max_backoff: float,
 ) -> None:
     interval = job.job.heartbeat_interval
-    backoff, unreachable_since = 0.2, None
     while True:
-        try:
-            conn.join(timeout=max(10.0, 2 * interval))
-        except grpc.RpcError as err:
-            refused = refusal(err)
-            if refused is not None:
-                raise refused from None
-            now = time.monotonic()
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since > give_up_after:
-                raise FLCoreError(
-                    f"the server at {conn.target} stayed unreachable for {give_up_after:g} s "
-                    f"(or refused this client's certificate at the TLS handshake): {err.details()}"
-                ) from None
-            log.info("server_unreachable", retry_in=backoff, reason=err.details())
-            time.sleep(backoff)
-            backoff = min(backoff * 2, max_backoff)
-            continue
-        backoff, unreachable_since = 0.2, None
+        # each (re)join starts its backoff afresh
+        _retrying(
+            lambda: conn.join(timeout=max(10.0, 2 * interval)),
+            conn.target,
+            log,
+            give_up_after,
+            max_backoff,
+        )
         log.info("joined", client=client.name)
         beat = Heartbeat(conn, interval)
         beat.start()
