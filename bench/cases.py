@@ -55,6 +55,24 @@ def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def interleaved(
+    baseline: Callable[[], Any], ours: Callable[[], Any], repeat: int
+) -> tuple[tuple[float, Any], tuple[float, Any]]:
+    """The median times of both, run in turns (baseline, ours, baseline, ...): on a shared
+    machine the load drifts, and a drift must not fall on one side of the ratio only."""
+    times: tuple[list[float], list[float]] = ([], [])
+    results: list[Any] = [None, None]
+    for _ in range(repeat):
+        for side, fn in enumerate((baseline, ours)):
+            start = time.perf_counter()
+            results[side] = fn()
+            times[side].append(time.perf_counter() - start)
+    return (
+        (statistics.median(times[0]), results[0]),
+        (statistics.median(times[1]), results[1]),
+    )
+
+
 def digits_job(hidden: int, clients: int, rounds: int, workers: int | None = None) -> Job:
     job: dict[str, Any] = {
         "name": "bench",
@@ -93,8 +111,7 @@ def training(
     bare = lambda: bare_fedavg(task, clients, rounds, 1, 32, 0.05, 0)  # noqa: E731
     bare()  # warm: data cache, lazy torch imports
     run_flcore(digits_job(hidden, 2, 1))
-    base_t, base_w = median_time(bare, repeat)
-    ours_t, ours_w = median_time(lambda: run_flcore(job), repeat)
+    (base_t, base_w), (ours_t, ours_w) = interleaved(bare, lambda: run_flcore(job), repeat)
     same = all(torch.equal(ours_w[k], base_w[k]) for k in base_w)
     runtime = f"{workers} workers" if workers else "sequential"
     what = f"digits MLP {hidden}, {clients} clients, {rounds} rounds, {runtime}"

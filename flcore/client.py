@@ -58,6 +58,8 @@ class Client:
         self.ctx.model = self.model
         self.ctx.client = self
         self.last_weights: dict[str, torch.Tensor] | None = None
+        #: How requests are decoded; clients that share one loop share a :class:`RequestMemo`.
+        self.decoder: RequestMemo | None = None
 
     def handle(self, request: str, payload: codec.Payload) -> codec.Payload:
         """Answer one request from the server; the reply is a codec payload."""
@@ -76,17 +78,21 @@ class Client:
         """Decode a model sent by the server, load it into ``self.model``, set the round, and
         return the model's own state dict (so a hook that edits it edits the model)."""
         # Views into the payload, copied once by load_state_dict: no second copy of the model.
-        weights, meta = codec.decode(payload, what=f"{what} sent to {self.name}", copy=False)
+        where = f"{what} sent to {self.name}"
+        if self.decoder is not None:
+            weights, meta = self.decoder.decode(payload, where)
+        else:
+            weights, meta = codec.decode(payload, what=where, copy=False)
         round_ = meta.get("round")
         if not isinstance(round_, int):
             raise CodecError(f"{what} sent to {self.name}: no round number")
         self.ctx.round = round_
-        self.load(weights, what)
-        return self.model.state_dict()
+        return self.load(weights, what)
 
-    def load(self, weights: dict[str, torch.Tensor], what: str) -> None:
-        """Copy ``weights`` into the model, tensor by tensor: the names, shapes and dtypes
-        must be the model's (``load_state_dict`` does the same with more overhead per call)."""
+    def load(self, weights: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """Copy ``weights`` into the model, tensor by tensor, and return the model's state
+        dict: the names, shapes and dtypes must be the model's (``load_state_dict`` does the
+        same with more overhead per call)."""
         target = self.model.state_dict()
         if set(weights) != set(target):
             missing, extra = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
@@ -102,6 +108,7 @@ class Client:
                         f"{tuple(got.shape)}, the model's is {tensor.dtype} {tuple(tensor.shape)}"
                     )
                 tensor.copy_(got)
+        return target
 
     def train(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
@@ -150,6 +157,29 @@ class Client:
         weights = self.last_weights if self.last_weights is not None else self.model.state_dict()
         self.ctx.fire("send_best_model", weights=weights)
         return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
+
+
+class RequestMemo:
+    """The last request decoded, for clients that run one after another in one process: the
+    embedded runtime sends one payload object to every client, and fifty clients need not
+    parse and check the same header fifty times. Held only while a request is out."""
+
+    def __init__(self) -> None:
+        self.payload: codec.Payload | None = None
+        self.decoded: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    def decode(
+        self, payload: codec.Payload, what: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        if payload is not self.payload or self.decoded is None:
+            self.payload, self.decoded = None, None
+            self.decoded = codec.decode(payload, what=what, copy=False)  # errors: not kept
+            self.payload = payload
+        weights, meta = self.decoded
+        return weights, dict(meta)
+
+    def clear(self) -> None:
+        self.payload = self.decoded = None
 
 
 def read_validation(payload: codec.Payload, sender: str) -> tuple[int, dict[str, dict[str, float]]]:

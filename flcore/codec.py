@@ -6,6 +6,7 @@ header, and the extra metadata travels as one JSON string inside that header.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,27 +46,38 @@ def _layout(
 ) -> tuple[bytes, list[tuple[int, torch.Tensor]]]:
     """The header (length prefix included) and ``(offset, tensor)`` of the data, in order."""
     tensors = {name: _plain(t) for name, t in weights.items()}
+    order, entries, offsets = _entries(tuple((n, t.dtype, t.shape) for n, t in tensors.items()))
+    metadata = json.dumps(json.dumps(meta or {}, separators=(",", ":")))
+    text = f'{{"__metadata__":{{"{META_KEY}":{metadata}}}{entries}}}'.encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    layout = [(offset, tensors[name]) for name, offset in zip(order, offsets, strict=True)]
+    return len(text).to_bytes(8, "little") + text, layout
+
+
+@functools.lru_cache(maxsize=64)
+def _entries(
+    signature: tuple[tuple[str, torch.dtype, torch.Size], ...],
+) -> tuple[list[str], str, list[int]]:
+    """For tensors of these names, dtypes and shapes: their order in the data, their header
+    entries as JSON text, and their offsets. Cached: a run sends the same model shape every
+    round, and building the header was a good part of a small model's serialization."""
     # Largest items first, then by name (as safetensors does): every tensor stays aligned.
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header: dict[str, Any] = {
-        "__metadata__": {META_KEY: json.dumps(meta or {}, separators=(",", ":"))}
-    }
-    offset, layout = 0, []
-    for name in order:
-        t = tensors[name]
-        if t.dtype not in NAMES:
-            raise CodecError(f"tensor {name!r}: dtype {t.dtype} cannot be serialized")
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": NAMES[t.dtype],
-            "shape": list(t.shape),
+    items = sorted(signature, key=lambda item: (-item[1].itemsize, item[0]))
+    order, parts, offsets, offset = [], [], [], 0
+    for name, dtype, shape in items:
+        if dtype not in NAMES:
+            raise CodecError(f"tensor {name!r}: dtype {dtype} cannot be serialized")
+        size = math.prod(shape) * dtype.itemsize
+        entry = {
+            "dtype": NAMES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
-        layout.append((offset, t))
+        parts.append(f",{json.dumps(name)}:{json.dumps(entry, separators=(',', ':'))}")
+        order.append(name)
+        offsets.append(offset)
         offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    return len(text).to_bytes(8, "little") + text, layout
+    return order, "".join(parts), offsets
 
 
 def _raw(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,15 +95,10 @@ def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
     size = sum(t.numel() * t.element_size() for _, t in layout)
     buffer = bytearray(len(head) + size)
     buffer[: len(head)] = head
-    for offset, t in layout:
-        if t.numel():
-            view = torch.frombuffer(
-                buffer,
-                dtype=torch.uint8,
-                count=t.numel() * t.element_size(),
-                offset=len(head) + offset,
-            )
-            view.copy_(_raw(t))
+    if size:
+        data = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=len(head))
+        # one concatenation into the payload: one call for the whole model, not one per tensor
+        torch.cat([_raw(t) for _, t in layout if t.numel()], out=data)
     return buffer
 
 
@@ -139,18 +146,22 @@ def decode(
     writable = isinstance(payload, bytearray) or (
         isinstance(payload, memoryview) and not payload.readonly
     )
+    if writable and not copy:
+        source, base = payload, start
+    else:  # one copy of the data, which every tensor then views
+        source, base = bytearray(payload[start:]), 0
     tensors = {}
     for begin, end, dtype, shape, name in spans:
         count = (end - begin) // dtype.itemsize
         if count == 0:
             tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        if writable and not copy:
-            flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=start + begin)
-        else:
+        if (base + begin) % dtype.itemsize:  # unaligned (another writer's): a copy of its own
             raw = bytearray(payload[start + begin : start + end])
             flat = torch.frombuffer(raw, dtype=dtype, count=count)
-        tensors[name] = flat.reshape(shape)
+        else:
+            flat = torch.frombuffer(source, dtype=dtype, count=count, offset=base + begin)
+        tensors[name] = flat.view(shape)
     return tensors, meta
 
 

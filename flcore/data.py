@@ -34,9 +34,11 @@ def split_validation(data: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """Hold out ``fraction`` of ``data`` (a seeded random subset) as the client's validation split."""
     n = len(data)
     n_val = round(n * fraction) if n > 1 else 0
+    tensors = as_tensors(data)
+    if n_val == 0 and tensors is not None:  # nothing held out: all of it, in its order
+        return TensorDataset(*tensors), TensorDataset(*(t[:0] for t in tensors))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     train_index, val_index = order[n_val:].sort().values, order[:n_val].sort().values
-    tensors = as_tensors(data)
     if tensors is not None:
         return (
             TensorDataset(*(t[train_index] for t in tensors)),

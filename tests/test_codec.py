@@ -218,3 +218,32 @@ def test_a_file_holds_exactly_the_payload(tmp_path: Path) -> None:
     }
     codec.save_file(tmp_path / "m.safetensors", weights, {"round": 4})
     assert (tmp_path / "m.safetensors").read_bytes() == bytes(codec.encode(weights, {"round": 4}))
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_unaligned_tensors_of_another_writer_are_read_correctly(copy: bool) -> None:
+    """A float32 tensor two bytes into the data (after a float16) and a header whose length
+    is not a multiple of 8: legal safetensors that our own writer never produces."""
+    half = torch.tensor([1.5], dtype=torch.float16)
+    full = torch.tensor([2.25, -3.0], dtype=torch.float32)
+    header = {
+        "a": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [2, 10]},
+    }
+    text = json.dumps(header).encode() + b"  x"[:1]  # an odd header length
+    payload = bytearray(len(text).to_bytes(8, "little") + text)
+    payload += half.view(torch.uint8).numpy().tobytes() + full.view(torch.uint8).numpy().tobytes()
+    weights, _ = codec.decode(payload, copy=copy)
+    assert torch.equal(weights["a"], half) and torch.equal(weights["b"], full)
+    assert weights["b"].data_ptr() % 4 == 0  # copied to an aligned buffer where it was not
+
+
+def test_headers_are_cached_by_shape_but_carry_each_payloads_metadata() -> None:
+    weights = model_weights()
+    one = codec.encode(weights, {"round": 1})
+    two = codec.encode({k: v + 1 for k, v in weights.items()}, {"round": 2, "x": 'é"'})
+    (w1, m1), (w2, m2) = codec.decode(one), codec.decode(two)
+    assert m1 == {"round": 1} and m2 == {"round": 2, "x": 'é"'}
+    assert all(torch.equal(w2[k], w1[k] + 1) for k in weights)
+    other = codec.encode({"w": torch.zeros(2, 2, dtype=torch.int64)}, {})
+    assert codec.decode(other)[0]["w"].dtype == torch.int64

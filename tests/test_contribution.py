@@ -124,3 +124,35 @@ def test_unserializable_metrics_are_an_error_on_the_client() -> None:
 def test_dropping_weights_keeps_everything_else() -> None:
     c = contribution().evolve_without_weights()
     assert c.weights == {} and c.num_samples == 10 and c.metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_values_whose_sum_overflows_are_still_finite(dtype) -> None:
+    from flcore.contribution import all_finite
+
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    assert not torch.isfinite(big.sum())  # the fast check's sum overflows...
+    assert all_finite(big)  # ...and the element-wise check still says finite
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_one_non_finite_element_anywhere_is_found(bad, dtype) -> None:
+    from flcore.contribution import all_finite
+
+    t = torch.randn(3000, dtype=dtype)
+    t[1234] = bad
+    assert not all_finite(t)
+    assert not all_finite(t, block=100)  # also when checked block by block
+    t[1234] = 0
+    assert all_finite(t) and all_finite(torch.empty(0)) and all_finite(torch.arange(5))
+
+
+def test_nan_beside_an_overflowing_value_is_refused() -> None:
+    w = {k: v.clone() for k, v in REFERENCE.items()}
+    w["w"][0, 0] = torch.finfo(torch.float32).max
+    w["w"][0, 1] = torch.finfo(torch.float32).max
+    check(contribution(weights=w))  # overflowing sum, finite values: accepted
+    w["w"][1, 2] = float("nan")
+    with pytest.raises(ContributionRefused, match="tensor 'w' has NaN or infinite values"):
+        check(contribution(weights=w))

@@ -50,3 +50,16 @@ def test_generic_datasets_are_split_as_subsets() -> None:
     train, val = split_validation(ListData(10), 0.3, seed=0)
     assert len(train) == 7 and len(val) == 3
     assert as_tensors(train) is None
+
+
+def test_holding_nothing_out_keeps_all_the_data_in_its_order() -> None:
+    from torch.utils.data import Subset
+
+    data = TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
+    for given in (data, Subset(data, [7, 2, 5])):
+        train, val = split_validation(given, 0.0, seed=3)
+        expected = as_tensors(given)
+        assert expected is not None and len(val) == 0 and val.tensors[0].shape == (0, 1)
+        assert all(torch.equal(a, b) for a, b in zip(train.tensors, expected, strict=True))
+    train, val = split_validation(ListData(4), 0.0, seed=0)  # a generic dataset: subsets
+    assert [train[i][1] for i in range(len(train))] == [0, 1, 2, 3] and len(val) == 0

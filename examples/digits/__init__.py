@@ -1,6 +1,9 @@
 """scikit-learn's bundled 8x8 digits (offline): an MLP trained over IID or Dirichlet clients.
 
 ``task = "examples.digits"`` picks :class:`Task`; the job's ``[task]`` section sets its fields.
+scikit-learn is imported with the module, not on first use: worker processes fork from a
+process that imported the task, and so start with it loaded.
+
 A fixed, stratified fifth of the data is the server's held-out set; the rest is split
 among the clients.
 """
@@ -13,6 +16,8 @@ from typing import Literal
 import attrs
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 HELD_OUT_FRACTION = 0.2
@@ -22,9 +27,6 @@ SPLIT_SEED = 1234
 @cache
 def _arrays(classes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(train_x, train_y, held_out_x, held_out_y)`` for the given classes, pixels in [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     x, y = load_digits(return_X_y=True)
     keep = np.isin(y, classes)
     x, y = (x[keep] / 16.0).astype(np.float32), y[keep].astype(np.int64)

@@ -20,12 +20,17 @@ def is_classification(targets: torch.Tensor) -> bool:
 def loss_function(task: Any, data: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The task's ``loss``, else cross-entropy for integer targets and MSE for float ones."""
     import torch.nn.functional as F
+    from torch.utils.data import Subset, TensorDataset
 
     from flcore.data import batches
 
     if task is not None and task.loss is not None:
         return task.loss
-    _, targets = next(iter(batches(data, 1)))
+    base = data.dataset if isinstance(data, Subset) else data
+    if isinstance(base, TensorDataset) and len(base.tensors) == 2:
+        targets = base.tensors[1]  # only its dtype counts: no batch needs to be made
+    else:
+        _, targets = next(iter(batches(data, 1)))
     return F.cross_entropy if is_classification(targets) else F.mse_loss
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from flcore.client import Client
+from flcore.client import Client, RequestMemo
 from flcore.codec import Payload
 from flcore.context import FLContext
 from flcore.errors import FLCoreError
@@ -19,6 +19,7 @@ class EmbeddedRuntime(Runtime):
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
         self.threads_before: int | None = None
+        self.memo = RequestMemo()  # one request payload, decoded once for every client
 
     def start(self, ctx: FLContext) -> list[str]:
         import torch
@@ -28,21 +29,25 @@ class EmbeddedRuntime(Runtime):
         shared = ctx.task.model()  # one model for all: a hundred clients need not hold a hundred
         for index in range(ctx.job.job.clients):
             client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log, model=shared)
+            client.decoder = self.memo
             self.clients[client.name] = client
         return list(self.clients)
 
     def run(
         self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
-        for name in clients:
-            try:
-                reply = self.clients[name].handle(request, payload)
-            except FLCoreError as err:
-                yield ClientResult(name, error=str(err))
-            except Exception as err:  # the user's code on a client may fail in any way
-                yield ClientResult(name, error=f"{type(err).__name__}: {err}")
-            else:
-                yield ClientResult(name, payload=reply)
+        try:
+            for name in clients:
+                try:
+                    reply = self.clients[name].handle(request, payload)
+                except FLCoreError as err:
+                    yield ClientResult(name, error=str(err))
+                except Exception as err:  # the user's code on a client may fail in any way
+                    yield ClientResult(name, error=f"{type(err).__name__}: {err}")
+                else:
+                    yield ClientResult(name, payload=reply)
+        finally:
+            self.memo.clear()  # the request's payload is not kept past its round
 
     def stop(self, ctx: FLContext) -> None:
         self.clients.clear()

@@ -67,7 +67,7 @@ def worker_main(
     import torch
 
     from flcore.chain import Chain
-    from flcore.client import Client
+    from flcore.client import Client, RequestMemo
     from flcore.job import Job
     from flcore.logging import make_logger
     from flcore.task import load_task
@@ -86,6 +86,9 @@ def worker_main(
     except Exception as err:  # reported to the server, which stops the run
         _send(conn, {"fatal": f"{type(err).__name__}: {err}"})
         return
+    memo = RequestMemo()  # a request's payload serves all this worker's clients: decoded once
+    for client in clients.values():
+        client.decoder = memo
     log.info("worker_started", worker=os.getpid(), clients=sorted(clients))
     _send(conn, {"ready": True})
     while True:
@@ -104,6 +107,8 @@ def worker_main(
                 _send(conn, {"client": name, "error": f"{type(err).__name__}: {err}"})
             else:
                 _send(conn, {"client": name}, reply)
+        memo.clear()
+        del payload
         _send(conn, {"done": True})
 
 
