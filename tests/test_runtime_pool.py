@@ -111,3 +111,32 @@ def test_a_swag_posterior_is_the_same_from_workers(tmp_path: Path) -> None:
     )
     for name in ("global_model.safetensors", "swag.safetensors"):
         assert (seq.run_dir / name).read_bytes() == (par.run_dir / name).read_bytes(), name
+
+
+def test_replies_come_in_the_order_asked_and_an_abandoned_request_leaves_nothing_behind() -> None:
+    """The server folds replies in client order and holds no reply it cannot fold yet; a
+    consumer that stops early (a failed round) must not leave replies in the pipes."""
+    from flcore import codec
+    from flcore.contribution import Contribution
+    from flcore.run import prepare
+
+    training = prepare(small_job(job={"clients": 5, "workers": 2}))
+    ctx = training.ctx
+    ctx.global_model = training.initial_model()
+    runtime = training.runtime
+    clients = runtime.start(ctx)
+    try:
+        payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": 1})
+        order = ["client-3", "client-0", "client-4", "client-1", "client-2"]
+        replies = runtime.run(ctx, "train", payload, order)
+        first = next(replies)
+        assert first.client_id == "client-3" and first.error is None
+        replies.close()  # stops after one reply: four are still on their way
+        results = list(runtime.run(ctx, "train", payload, order))
+        assert [r.client_id for r in results] == order
+        for result in results:
+            assert result.error is None and result.payload is not None
+            assert Contribution.decode(result.payload, result.client_id).round == 1
+        assert sorted(clients) == sorted(order)
+    finally:
+        runtime.stop(ctx)

@@ -1,9 +1,10 @@
 """The parallel local runtime: clients in a pool of worker processes started once per run.
 
 Each worker builds its own chain from the job (a PluginManager cannot be pickled), loads
-its clients' data once, and answers requests over a pipe. Models cross as the codec's bytes
-(a JSON header, then raw bytes; never pickled), one copy per worker per request, and replies
-are yielded as each client finishes, so the trainer folds them in while others still train.
+its clients' data once, and answers requests over a socket pair. Models cross as the
+codec's bytes (a JSON header, then raw bytes; never pickled). A request goes once to each
+worker, and replies are handed to the trainer in client order as they come, so that it
+folds them while later clients still train.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import multiprocessing
 import os
 import tomllib
 from collections.abc import Iterator, Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from flcore.client import client_name
 from flcore.codec import Payload
@@ -78,9 +79,9 @@ def worker_main(
         job = Job.from_dict(tomllib.loads(job_text), source=source)
         task = load_task(job)
         chain = Chain.for_job(job)
-        shared = task.model()
+        model = task.model()  # one for all of this worker's clients, as in the embedded runtime
         clients = {
-            client_name(i): Client(job, task, chain, i, log.bind(worker=os.getpid()), shared)
+            client_name(i): Client(job, task, chain, i, log.bind(worker=os.getpid()), model)
             for i in indices
         }
     except Exception as err:  # reported to the server, which stops the run
@@ -107,6 +108,7 @@ def worker_main(
                 _send(conn, {"client": name, "error": f"{type(err).__name__}: {err}"})
             else:
                 _send(conn, {"client": name}, reply)
+                del reply
         memo.clear()
         del payload
         _send(conn, {"done": True})
@@ -186,35 +188,53 @@ class ProcessPoolRuntime(Runtime):
     def run(
         self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
+        """Replies come back in the order of ``clients``, the order the trainer folds them in.
+
+        A worker answers its clients in that order, so the next reply to fold is always the
+        next message of one worker, and that is the only pipe read. A worker whose reply is
+        not next waits on its full pipe meanwhile, so the server never holds a reply it
+        cannot fold yet: its memory is the accumulator and one reply, whatever the number
+        of clients. A consumer that stops early leaves nothing behind: the rest of the
+        round's replies are read and dropped, so the next request starts clean.
+        """
         by_worker: dict[int, list[str]] = {}
         for name in clients:
             by_worker.setdefault(self.assignment[name], []).append(name)
-        pending: dict[Connection, list[str]] = {}
+        gone: dict[int, str] = {}
         for w, names in by_worker.items():
-            conn = self.conns[w]
             try:
-                _send(conn, {"request": request, "clients": names}, payload)
-                pending[conn] = list(names)
+                _send(self.conns[w], {"request": request, "clients": names}, payload)
             except (BrokenPipeError, OSError):
-                for name in names:
-                    yield ClientResult(name, error=f"worker {w} is gone")
+                gone[w] = f"worker {w} is gone"
         del payload  # sent to every worker: the server need not hold it while they train
-        while pending:
-            for ready in wait(list(pending)):
-                conn = cast(Connection, ready)
-                try:
-                    header, reply = _receive(conn)
-                    if header.get("done"):
-                        del pending[conn]
-                        continue
-                    name = header["client"]
-                except (EOFError, OSError):
-                    for name in pending.pop(conn):
-                        yield ClientResult(name, error="its worker process died")
+        unread = {w: len(names) + 1 for w, names in by_worker.items()}  # replies, then "done"
+        try:
+            for name in clients:
+                w = self.assignment[name]
+                if w in gone:
+                    yield ClientResult(name, error=gone[w])
                     continue
-                pending[conn].remove(name)
+                try:
+                    header, reply = self._next(w, unread)
+                    if header.get("client") != name:
+                        raise EOFError(f"answered for {header.get('client')!r}, not {name!r}")
+                except (EOFError, OSError, ValueError) as err:
+                    gone[w] = "its worker process died" + (f" ({err})" if str(err) else "")
+                    yield ClientResult(name, error=gone[w])
+                    continue
                 yield ClientResult(name, payload=reply, error=header.get("error"))
                 reply = None  # let the trainer drop it before the next one is read
+        finally:
+            for w in by_worker:
+                while w not in gone and unread[w]:
+                    try:
+                        self._next(w, unread)
+                    except (EOFError, OSError, ValueError):
+                        gone[w] = "gone"
+
+    def _next(self, worker: int, unread: dict[int, int]) -> tuple[dict[str, Any], Any]:
+        unread[worker] -= 1
+        return _receive(self.conns[worker])
 
     def stop(self, ctx: FLContext) -> None:
         for conn in self.conns:
