@@ -56,3 +56,40 @@ def test_validation_results_are_checked() -> None:
     ]:
         with pytest.raises(CodecError, match=message):
             read_validation(payload(bad), "c")
+
+
+def test_clients_sharing_a_memo_decode_one_request_once_and_each_names_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from flcore.client import RequestMemo
+
+    job = small_job(job={"clients": 3})
+    task, memo = load_task(job), RequestMemo()
+    model = task.model()
+    clients = [Client(job, task, Chain([]), i, make_logger(), model=model) for i in range(3)]
+    for c in clients:
+        c.decoder = memo
+    calls: list[str] = []
+    real_decode = codec.decode
+
+    def counting_decode(payload, what="payload", copy=True):  # type: ignore[no-untyped-def]
+        calls.append(what)
+        return real_decode(payload, what, copy)
+
+    monkeypatch.setattr(codec, "decode", counting_decode)
+    weights = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    payload = codec.encode(weights, {"kind": "global_model", "round": 4})
+    for c in clients:
+        got = c.receive(payload, "global model")
+        assert c.ctx.round == 4 and all(torch.equal(got[k], weights[k]) for k in weights)
+    assert calls == ["global model sent to client-0"]  # once for the three clients
+    other = codec.encode(weights, {"kind": "global_model", "round": 5})
+    clients[1].receive(other, "global model")
+    assert clients[1].ctx.round == 5 and len(calls) == 2  # another payload: decoded anew
+    for c in clients:  # a bad payload is not remembered: each client names itself
+        with pytest.raises(CodecError, match=f"global model sent to {c.name}: truncated"):
+            c.receive(bytearray(b"\x01"), "global model")
+    memo.clear()
+    assert memo.payload is None and memo.decoded is None
