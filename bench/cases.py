@@ -132,15 +132,21 @@ def case_c(repeat: int) -> Iterator[Row]:
 
 
 def case_d(repeat: int) -> Iterator[Row]:
-    """Aggregation throughput: GB/s of client weights read by FedAvg's streaming mean, next
-    to a plain copy of the same bytes; exact (float64) and running (``exact_mean = false``)."""
+    """Aggregation throughput: GB/s of client weights read, next to a plain copy of the same
+    bytes. The ``aggregate`` hook's FedAvg gets all contributions at once; the trainer's
+    streaming fold gets them one at a time as they arrive (exact, and ``exact_mean = false``)."""
     from flcore.aggregation import WeightedMean
+    from flcore.contribution import Contribution
+    from flcore.defaults.fedavg import aggregate
 
     shapes = [(5000, 4000)] * 5 + [(1000,)] * 5  # 25 M parameters
     gen = torch.Generator().manual_seed(0)
     clients = [
-        ({f"t{j}": torch.randn(s, generator=gen) for j, s in enumerate(shapes)}, 10.0 + i)
+        ({f"t{j}": torch.randn(s, generator=gen) for j, s in enumerate(shapes)}, 10 + i)
         for i in range(10)
+    ]
+    contributions = [
+        Contribution(f"client-{i}", 1, weights, n, 1) for i, (weights, n) in enumerate(clients)
     ]
     nbytes = sum(t.numel() * t.element_size() for w, _ in clients for t in w.values())
     targets = {k: torch.empty_like(v) for k, v in clients[0][0].items()}
@@ -150,17 +156,21 @@ def case_d(repeat: int) -> Iterator[Row]:
             for k, v in weights.items():
                 targets[k].copy_(v)
 
-    def fedavg(exact: bool) -> None:
+    def streamed(exact: bool) -> None:
         mean = WeightedMean(exact)
         for weights, n in clients:
             mean.add(weights, n)
         mean.result()
 
+    ways: dict[str, Callable[[], Any]] = {
+        "aggregate hook, all at once, exact": lambda: aggregate(None, contributions),
+        "streaming fold, exact float64": partial(streamed, True),
+        "streaming fold, exact_mean = false": partial(streamed, False),
+    }
     copy_t, _ = median_time(copy_all, repeat)
-    for exact in (True, False):
-        fedavg(exact)
-        agg_t, _ = median_time(partial(fedavg, exact), repeat)
-        label = "exact float64" if exact else "running mean, exact_mean = false"
+    for label, fn in ways.items():
+        fn()
+        agg_t, _ = median_time(fn, repeat)
         yield Row(
             "D",
             f"FedAvg 10 x 25 M, {label} (GB/s)",

@@ -82,3 +82,40 @@ def test_the_inexact_mean_keeps_one_copy_of_the_model() -> None:
     mean = WeightedMean(exact=False)
     mean.add({"x": torch.ones(4)}, 1.0)
     assert mean._sums["x"].dtype == torch.float32  # no float64 accumulator
+
+
+@pytest.mark.parametrize("block", [7, 1 << 18])
+def test_the_mean_of_models_in_hand_is_the_streaming_mean_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """A list is averaged a block at a time across all models, an iterator one model at a
+    time: the same sums in the same order, for every dtype, size and kind of weight."""
+    import flcore.aggregation as aggregation
+
+    monkeypatch.setattr(aggregation, "BLOCK", block)  # 7: tensors span many blocks
+    gen = torch.Generator().manual_seed(1)
+    models = []
+    for i in range(5):
+        models.append(
+            {
+                "w": torch.randn(9, 5, generator=gen) * 10 ** (i - 2),
+                "h": torch.randn(20, generator=gen).half(),
+                "d": torch.randn(30, generator=gen).double(),
+                "n": torch.tensor(3 * i + 1),
+                "m": torch.tensor([i % 2 == 0, True, False]),
+                "z": torch.tensor([-0.0, 0.0]),
+            }
+        )
+    weights = [3.0, 0.1, 7.0, 1e-3, 2.5]
+    in_hand = weighted_mean(list(zip(models, weights, strict=True)))
+    streamed = weighted_mean(iter(zip(models, weights, strict=True)))
+    assert set(in_hand) == set(streamed)
+    for name, tensor in streamed.items():
+        assert in_hand[name].dtype == tensor.dtype
+        assert in_hand[name].numpy().tobytes() == tensor.numpy().tobytes(), name
+    assert torch.equal(in_hand["z"], torch.tensor([-0.0, 0.0]))
+    assert str(in_hand["z"][0].item()) == "-0.0"  # the mean of -0.0s keeps its sign
+    with pytest.raises(ValueError, match="must be positive"):
+        weighted_mean([(models[0], 1.0), (models[1], -1.0)])
+    with pytest.raises(ValueError, match="same names"):
+        weighted_mean([(models[0], 1.0), ({"w": models[1]["w"]}, 1.0)])
