@@ -85,7 +85,9 @@ def all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
     """
     if not (tensor.is_floating_point() or tensor.is_complex()) or not tensor.numel():
         return True
-    if math.isfinite(abs(tensor.sum().item())):
+    # half precision sums in float32: a float16 sum of a few thousand weights overflows
+    wide = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    if math.isfinite(abs(tensor.sum(dtype=wide).item())):
         return True
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(part).all()) for part in flat.split(block))

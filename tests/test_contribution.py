@@ -156,3 +156,15 @@ def test_nan_beside_an_overflowing_value_is_refused() -> None:
     w["w"][1, 2] = float("nan")
     with pytest.raises(ContributionRefused, match="tensor 'w' has NaN or infinite values"):
         check(contribution(weights=w))
+
+
+def test_a_large_half_precision_model_takes_the_fast_check(monkeypatch) -> None:
+    from flcore import contribution
+
+    calls: list[int] = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.numel()) or real(t))
+    weights = torch.full((100_000,), 1000.0, dtype=torch.float16)  # sums to 1e8: over fp16
+    assert contribution.all_finite(weights) and calls == []  # summed in float32: no fallback
+    weights[5] = float("nan")
+    assert not contribution.all_finite(weights) and calls  # a real NaN: checked element-wise
