@@ -174,11 +174,10 @@ def _span(
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
     if dtype is None:
         raise CodecError(f"{what}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    # type(...) is int: JSON's true and false are no sizes (isinstance would let them in)
+    if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):
         raise CodecError(f"{what}: tensor {name!r} has a malformed shape {shape!r}")
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    ):
+    if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise CodecError(f"{what}: tensor {name!r} has malformed data offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:

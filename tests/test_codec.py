@@ -163,6 +163,16 @@ def _with_header(header: dict, data: bytes = b"") -> bytes:
             "malformed data offsets",
         ),
         (
+            {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "malformed shape",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}},
+            b"\0" * 4,
+            "malformed data offsets",
+        ),
+        (
             {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
             b"\0" * 4,
             "4 bytes for shape [2]",

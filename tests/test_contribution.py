@@ -122,8 +122,16 @@ def test_unserializable_metrics_are_an_error_on_the_client() -> None:
 
 
 def test_dropping_weights_keeps_everything_else() -> None:
-    c = contribution().evolve_without_weights()
-    assert c.weights == {} and c.num_samples == 10 and c.metrics
+    full = contribution()
+    c = full.evolve_without_weights()
+    assert c.weights == {} and full.weights  # the original keeps its weights
+    assert (c.client_id, c.round, c.num_samples, c.local_iterations, c.metrics) == (
+        "client-0",
+        2,
+        10,
+        3,
+        {"initial_validation_metric": 0.5},
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
