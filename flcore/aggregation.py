@@ -35,10 +35,7 @@ class WeightedMean:
         self.count = 0
 
     def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
-        if not weight > 0:
-            raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
-        if self._sums and set(weights) != set(self._sums):
-            raise ValueError("state dicts of a weighted mean must have the same names")
+        _check(weights, weight, self._sums or weights)
         total = self.total_weight + weight
         for name, tensor in weights.items():
             tensor = tensor.detach()
@@ -78,6 +75,14 @@ class WeightedMean:
                 continue
             out[name] = _finish(self._sums.pop(name).div_(self.total_weight), self._dtypes[name])
         return out
+
+
+def _check(weights: Mapping[str, torch.Tensor], weight: float, names: Iterable[str]) -> None:
+    """One more ``(state_dict, weight)`` for a mean of state dicts with these ``names``."""
+    if not weight > 0:
+        raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
+    if set(weights) != set(names):
+        raise ValueError("state dicts of a weighted mean must have the same names")
 
 
 def _scaled(tensor: torch.Tensor, weight: float) -> torch.Tensor:
@@ -129,11 +134,8 @@ def _mean_in_blocks(
 ) -> dict[str, torch.Tensor]:
     names = list(items[0][0])
     total = 0.0
-    for weights, weight in items:  # the checks and the total of WeightedMean.add
-        if not weight > 0:
-            raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
-        if set(weights) != set(names):
-            raise ValueError("state dicts of a weighted mean must have the same names")
+    for weights, weight in items:  # the total of WeightedMean.add, added in the same order
+        _check(weights, weight, names)
         total += weight
     sums = torch.empty(BLOCK, dtype=torch.float64)
     buffer = torch.empty(BLOCK, dtype=torch.float64)

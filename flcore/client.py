@@ -85,7 +85,7 @@ class Client:
             weights, meta = codec.decode(payload, what=where, copy=False)
         round_ = meta.get("round")
         if not isinstance(round_, int):
-            raise CodecError(f"{what} sent to {self.name}: no round number")
+            raise CodecError(f"{where}: no round number")
         self.ctx.round = round_
         return self.load(weights, what)
 
