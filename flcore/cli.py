@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -26,6 +27,20 @@ resume_option = click.option(
 verbose_option = click.option(
     "-v", "--verbose", is_flag=True, help="Show info events on the console."
 )
+insecure_option = click.option(
+    "--insecure", is_flag=True, help="Plaintext, no TLS (prints a warning)."
+)
+
+
+def set_option(also: str = "") -> Any:
+    """``--set SECTION.KEY=VALUE``, repeatable; ``also`` adds to its help."""
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help=f"Override a job setting (value read as TOML); repeatable{also}.",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,13 +51,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False), required=False)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a job setting (value read as TOML); repeatable.",
-)
+@set_option()
 @out_option
 @click.option(
     "--log-format",
@@ -94,7 +103,7 @@ def run(
 
 @main.command()
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE")
+@set_option()
 def validate(job_file: str, overrides: tuple[str, ...]) -> None:
     """Check JOB_FILE, its plugins, their settings and its task, without training."""
     from flcore.errors import FLCoreError
@@ -198,14 +207,8 @@ _PLAINTEXT_WARNING = (
     type=click.Path(file_okay=False),
     help="Folder from `flcore certs` with ca.pem, server.pem and server.key (mutual TLS).",
 )
-@click.option("--insecure", is_flag=True, help="Plaintext, no TLS (prints a warning).")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a job setting (value read as TOML); repeatable; clients need the same.",
-)
+@insecure_option
+@set_option("; clients need the same")
 @out_option
 @resume_option
 @verbose_option
@@ -305,14 +308,8 @@ def _check_address(address: str, option: str) -> None:
 )
 @click.option("--cert", type=click.Path(dir_okay=False), help="Certificate (default NAME.pem).")
 @click.option("--key", type=click.Path(dir_okay=False), help="Private key (default NAME.key).")
-@click.option("--insecure", is_flag=True, help="Plaintext, no TLS (prints a warning).")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help="Override a job setting, as the server does.",
-)
+@insecure_option
+@set_option(": the same as the server's")
 @click.option(
     "--give-up-after",
     type=click.FloatRange(min=0),
