@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from flcore.job import Job
 from flcore.run import run_job
 from tests.conftest import small_job
 from tests.deploy_support import Deployment, deployment_in, events, metrics, wait_for
@@ -33,6 +35,20 @@ def checkpoint_round(run_dir: Path) -> int:
 
 def names_of(run_dir: Path, event: str) -> list[str]:
     return [e["client"] for e in events(run_dir) if e["event"] == event]
+
+
+def kill_client_2_after_round_1(
+    deployment: Deployment, job: Job, run: Path
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """Serve ``job`` to the three clients of NAMES; once round 1 is committed, kill client-2.
+    Returns the server's process and the clients'."""
+    deployment.certs(clients=NAMES)
+    job_file = deployment.job(job)
+    server, address = deployment.server(job_file, run)
+    clients = [deployment.client(address, name, job_file) for name in NAMES]
+    wait_for(lambda: len(metrics(run)) >= 1, "round 1")
+    clients[2].send_signal(signal.SIGKILL)
+    return server, clients
 
 
 def test_three_clients_reach_the_embedded_runs_bytes(
@@ -109,13 +125,8 @@ def test_a_client_killed_mid_run_is_dropped_and_the_run_finishes(
     job = small_job(
         job={"rounds": 3, "min_clients": 2, "heartbeat_interval": 2.0, "round_timeout": 120}
     )
-    deployment.certs(clients=NAMES)
-    job_file = deployment.job(job)
     run = tmp_path / "run"
-    server, address = deployment.server(job_file, run)
-    clients = [deployment.client(address, name, job_file) for name in NAMES]
-    wait_for(lambda: len(metrics(run)) >= 1, "round 1")
-    clients[2].send_signal(signal.SIGKILL)  # round 2 is under way: it never answers
+    server, clients = kill_client_2_after_round_1(deployment, job, run)  # misses round 2
     assert deployment.wait(server) == 0, deployment.log(server)
     lines = metrics(run)
     assert [m["round"] for m in lines] == [1, 2, 3]
@@ -247,13 +258,8 @@ def test_too_few_clients_fail_the_round_and_keep_the_previous_model(
             "keep_round_models": True,
         }
     )
-    deployment.certs(clients=NAMES)
-    job_file = deployment.job(job)
     run = tmp_path / "run"
-    server, address = deployment.server(job_file, run)
-    clients = [deployment.client(address, name, job_file) for name in NAMES]
-    wait_for(lambda: len(metrics(run)) >= 1, "round 1")
-    clients[2].send_signal(signal.SIGKILL)
+    server, _ = kill_client_2_after_round_1(deployment, job, run)
     assert deployment.wait(server) != 0  # the run stops: a round cannot have 3 contributions
     log = deployment.log(server)
     # the kill lands in round 2, or in round 3 if client-2 had already answered round 2
