@@ -38,7 +38,8 @@ class WeightedMean:
         _check(weights, weight, self._sums or weights)
         total = self.total_weight + weight
         for name, tensor in weights.items():
-            tensor = tensor.detach()
+            if tensor.requires_grad:
+                tensor = tensor.detach()
             acc = self._sums.get(name)
             if acc is None:
                 self._dtypes[name] = tensor.dtype
@@ -81,7 +82,7 @@ def _check(weights: Mapping[str, torch.Tensor], weight: float, names: Iterable[s
     """One more ``(state_dict, weight)`` for a mean of state dicts with these ``names``."""
     if not weight > 0:
         raise ValueError(f"weights of a weighted mean must be positive, got {weight}")
-    if set(weights) != set(names):
+    if weights.keys() != (names.keys() if isinstance(names, dict) else set(names)):
         raise ValueError("state dicts of a weighted mean must have the same names")
 
 
@@ -98,7 +99,6 @@ def _fold(acc: torch.Tensor, tensor: torch.Tensor, weight: float, buffer: torch.
     """``acc += weight * tensor`` in float64, a cache-sized block at a time: torch's
     mixed-dtype in-place add makes a float64 copy of the whole tensor first (the model
     twice over, for every client) and runs several times slower than this."""
-    tensor = tensor.detach()
     if tensor.dtype == torch.float64 or tensor.numel() <= BLOCK:
         acc.add_(tensor, alpha=weight)  # small: its float64 temporary is too
         return

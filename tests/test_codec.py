@@ -257,3 +257,51 @@ def test_headers_are_cached_by_shape_but_carry_each_payloads_metadata() -> None:
     assert all(torch.equal(w2[k], w1[k] + 1) for k in weights)
     other = codec.encode({"w": torch.zeros(2, 2, dtype=torch.int64)}, {})
     assert codec.decode(other)[0]["w"].dtype == torch.int64
+
+
+def mixed_weights() -> dict[str, torch.Tensor]:
+    return {
+        **model_weights(),
+        "flag": torch.tensor([True, False]),
+        "half": torch.arange(3, dtype=torch.bfloat16),
+        "wide": torch.arange(4, dtype=torch.float64).reshape(2, 2),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(7, dtype=torch.int32),
+    }
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_a_header_this_process_wrote_is_read_without_parsing_its_tensors_again(
+    monkeypatch: pytest.MonkeyPatch, copy: bool
+) -> None:
+    """A client's reply has the entries of the global model the server wrote: the decoder
+    knows them and checks only the metadata and the data's length."""
+    weights = mixed_weights()
+    payload = codec.encode(weights, {"round": 9})
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("the known header's entries were parsed again")
+
+    monkeypatch.setattr(codec, "_span", no_parsing)
+    got, meta = codec.decode(payload, copy=copy)
+    assert meta == {"round": 9}
+    for name, tensor in weights.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor)
+    monkeypatch.setattr(codec, "_KNOWN", {})  # another process's header: parsed and checked
+    with pytest.raises(AssertionError, match="parsed again"):
+        codec.decode(payload, copy=copy)
+
+
+def test_a_known_header_with_other_padding_or_a_broken_metadata_string_is_checked() -> None:
+    weights = mixed_weights()
+    payload = bytes(codec.encode(weights, {"round": 1}))
+    size = int.from_bytes(payload[:8], "little")
+    header, data = payload[8 : 8 + size], payload[8 + size :]
+    # three more spaces: legal, but the data no longer starts 8-byte aligned
+    padded = header + b"   "
+    got, _ = codec.decode(bytearray((size + 3).to_bytes(8, "little") + padded + data), copy=False)
+    assert all(torch.equal(got[k], v) for k, v in weights.items())
+    broken = header.replace(b'{\\"round\\":1}', b'{\\"round\\":\\q}')
+    assert broken != header
+    with pytest.raises(CodecError, match="malformed header"):
+        codec.decode(len(broken).to_bytes(8, "little") + broken + data)
