@@ -31,31 +31,66 @@ class WeightedMean:
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._buffer = torch.empty(0, dtype=torch.float64)
+        #: When the first state dict was decoded from a payload (:class:`flcore.codec.Weights`):
+        #: its layout, and one flat accumulator per dtype's run of it, which ``_sums`` views.
+        #: Later state dicts of the same layout are folded a run at a time, not a tensor at a
+        #: time: the same additions, in far fewer calls for a model of many small tensors.
+        self._layout: Any = None
+        self._flats: list[tuple[torch.Tensor, bool]] = []
         self.total_weight = 0.0
         self.count = 0
 
     def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
         _check(weights, weight, self._sums or weights)
         total = self.total_weight + weight
-        for name, tensor in weights.items():
-            if tensor.requires_grad:
-                tensor = tensor.detach()
-            acc = self._sums.get(name)
-            if acc is None:
-                self._dtypes[name] = tensor.dtype
-                if not self.exact and tensor.dtype in (torch.float32, torch.float64):
-                    self._running.add(name)
-                    self._sums[name] = tensor.clone()
-                    continue
-                # the first contribution times its weight: no zeros to write and read back
-                self._sums[name] = _scaled(tensor, weight)
-                continue
-            if name in self._running:
-                acc.lerp_(tensor, weight / total)  # mean += w/W (x - mean), one fused pass
-            else:
-                _fold(acc, tensor, weight, self._blocks(tensor))
+        layout = getattr(weights, "layout", None)
+        if not self.count and layout is not None:
+            self._start_flat(weights, weight)
+        elif layout is not None and self._layout is not None and layout.key == self._layout.key:
+            runs: tuple[torch.Tensor, ...] = weights.runs  # type: ignore[attr-defined]
+            for (acc, running), flat in zip(self._flats, runs, strict=True):
+                self._fold_in(acc, flat, weight, total, running)
+        else:
+            for name, tensor in weights.items():
+                if tensor.requires_grad:
+                    tensor = tensor.detach()
+                if name in self._sums:
+                    self._fold_in(self._sums[name], tensor, weight, total, name in self._running)
+                else:
+                    self._start(name, tensor, weight)
         self.total_weight = total
         self.count += 1
+
+    def _first(self, tensor: torch.Tensor, weight: float) -> tuple[torch.Tensor, bool]:
+        """An accumulator from its first tensor, and whether it keeps a running mean."""
+        if not self.exact and tensor.dtype in (torch.float32, torch.float64):
+            return tensor.clone(), True
+        return _scaled(tensor, weight), False  # its weight times it: no zeros written first
+
+    def _start(self, name: str, tensor: torch.Tensor, weight: float) -> None:
+        self._sums[name], running = self._first(tensor, weight)
+        self._dtypes[name] = tensor.dtype
+        if running:
+            self._running.add(name)
+
+    def _start_flat(self, weights: Any, weight: float) -> None:
+        self._layout = weights.layout
+        for run, flat in zip(self._layout.runs, weights.runs, strict=True):
+            acc, running = self._first(flat, weight)
+            self._flats.append((acc, running))
+            for name, shape, stride, first in run.views:
+                self._sums[name] = acc.as_strided(shape, stride, first)
+                self._dtypes[name] = run.dtype
+                if running:
+                    self._running.add(name)
+
+    def _fold_in(
+        self, acc: torch.Tensor, tensor: torch.Tensor, weight: float, total: float, running: bool
+    ) -> None:
+        if running:
+            acc.lerp_(tensor, weight / total)  # mean += w/W (x - mean), one fused pass
+        else:
+            _fold(acc, tensor, weight, self._blocks(tensor))
 
     def _blocks(self, tensor: torch.Tensor) -> torch.Tensor:
         """A float64 buffer of one block, for folding ``tensor`` a block at a time."""
@@ -65,11 +100,21 @@ class WeightedMean:
         return self._buffer
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The mean, once: the accumulator is divided in place and released tensor by tensor,
-        so that the result never exists beside a whole second accumulator."""
+        """The mean, once: the accumulator is divided in place and released a tensor (or a
+        run) at a time, so that the result never exists beside a whole second accumulator."""
         if not self.count:
             raise ValueError("weighted mean of nothing")
         out = {}
+        if self._flats:
+            for run, (acc, running) in zip(self._layout.runs, self._flats, strict=True):
+                for name, *_ in run.views:
+                    del self._sums[name]
+                mean = acc if running else _finish(acc.div_(self.total_weight), run.dtype)
+                del acc
+                for name, shape, stride, first in run.views:
+                    out[name] = mean.as_strided(shape, stride, first)
+            self._flats.clear()
+            return out
         for name in list(self._sums):
             if name in self._running:
                 out[name] = self._sums.pop(name)

@@ -16,6 +16,7 @@ from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from flcore.errors import CodecError
@@ -85,33 +86,97 @@ def _entries(
     return order, text, offsets
 
 
-#: The tensors of each header this process wrote, by the text of its entries: a payload whose
+@attrs.frozen(eq=False)
+class Run:
+    """One dtype's stretch of a payload's data: where it starts (byte), how many elements it
+    holds, and ``(name, shape, stride, first element)`` of each tensor in it, in order."""
+
+    dtype: torch.dtype
+    begin: int
+    count: int
+    views: tuple[tuple[str, tuple[int, ...], tuple[int, ...], int], ...]
+
+
+@attrs.frozen(eq=False)
+class Layout:
+    """Where the tensors of a header this process wrote lie in the data: ``key`` is the
+    header's entries as text, ``size`` the data's length in bytes."""
+
+    key: str
+    size: int
+    runs: tuple[Run, ...]
+
+
+class Weights(dict[str, torch.Tensor]):
+    """A decoded state dict that remembers its payload's layout: ``runs`` are flat views of
+    the data, one per :class:`Run` of ``layout``, so that a check or a sum over every weight
+    takes one call per dtype instead of one per tensor. Any change to the mapping forgets
+    them (the tensors' values may change in place: the runs share their memory)."""
+
+    layout: Layout | None = None
+    runs: tuple[torch.Tensor, ...] = ()
+
+    def _forget(self) -> None:
+        self.layout, self.runs = None, ()
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._forget()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._forget()
+        super().__delitem__(key)
+
+    def __ior__(self, other: Any) -> Weights:  # type: ignore[override,misc]
+        self._forget()
+        return super().__ior__(other)
+
+    def pop(self, *args: Any) -> Any:
+        self._forget()
+        return super().pop(*args)
+
+    def popitem(self) -> tuple[str, torch.Tensor]:
+        self._forget()
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._forget()
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._forget()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._forget()
+        return super().setdefault(key, default)
+
+
+#: The layout of each header this process wrote, by the text of its entries: a payload whose
 #: header is ours byte for byte but for the metadata (a client's reply has the global model's
-#: entries) is neither parsed nor checked again. For each dtype's stretch of the data: its
-#: dtype, first byte, element count, and ``(name, shape, stride, first element)`` of its
-#: tensors.
-_KNOWN: dict[str, tuple[int, list[tuple[torch.dtype, int, int, list[Any]]]]] = {}
+#: entries) is neither parsed nor checked again.
+_KNOWN: dict[str, Layout] = {}
 _PREFIX = f'{{"__metadata__":{{"{META_KEY}":"'
 
 
 def _remember(
     text: str, items: list[tuple[str, torch.dtype, tuple[int, ...]]], offsets: list[int], size: int
 ) -> None:
-    runs: list[tuple[torch.dtype, int, int, list[Any]]] = []
+    runs: list[Run] = []
     for (name, dtype, shape), offset in zip(items, offsets, strict=True):
-        if not runs or runs[-1][0] != dtype:
-            runs.append((dtype, offset, 0, []))
-        _, begin, count, views = runs[-1]
+        if not runs or runs[-1].dtype != dtype:
+            runs.append(Run(dtype, offset, 0, ()))
+        run = runs[-1]
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        views.append((name, shape, stride, (offset - begin) // dtype.itemsize))
-        runs[-1] = (dtype, begin, count + math.prod(shape), views)
+        view = (name, shape, stride, (offset - run.begin) // dtype.itemsize)
+        runs[-1] = Run(dtype, run.begin, run.count + math.prod(shape), (*run.views, view))
     if len(_KNOWN) >= 64:
         del _KNOWN[next(iter(_KNOWN))]
-    _KNOWN[text] = (size, runs)
+    _KNOWN[text] = Layout(text, size, tuple(runs))
 
 
-def _known(header: bytes) -> tuple[str, tuple[int, list[Any]]] | None:
-    """``(metadata JSON, tensors)`` when ``header`` is one this process wrote, else ``None``."""
+def _known(header: bytes) -> tuple[str, Layout] | None:
+    """``(metadata JSON, layout)`` when ``header`` is one this process wrote, else ``None``."""
     try:
         text = header.decode("ascii")
     except UnicodeDecodeError:
@@ -167,9 +232,9 @@ def decode(
     start = 8 + header_len
     header = bytes(payload[8:start])
     known = _known(header)
-    if known is not None and known[1][0] == size - start and start % 8 == 0:
+    if known is not None and known[1].size == size - start and start % 8 == 0:
         meta = _metadata({META_KEY: known[0]}, what)
-        return _views(payload, start, copy, known[1][1]), meta
+        return _views(payload, start, copy, known[1]), meta
     try:
         parsed = json.loads(header)
     except ValueError as err:
@@ -224,20 +289,24 @@ def _source(
 
 
 def _views(
-    payload: bytes | bytearray | memoryview, start: int, copy: bool, runs: list[Any]
-) -> dict[str, torch.Tensor]:
+    payload: bytes | bytearray | memoryview, start: int, copy: bool, layout: Layout
+) -> Weights:
     """The tensors of a known header: one buffer view per dtype's stretch, one strided view
     of it per tensor (our header pads the data to 8 bytes: every stretch is aligned)."""
     source, base = _source(payload, start, copy)
-    tensors = {}
-    for dtype, begin, count, views in runs:
-        if not count:
-            for name, shape, _, _ in views:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        flat = torch.frombuffer(source, dtype=dtype, count=count, offset=base + begin)
-        for name, shape, stride, first in views:
-            tensors[name] = flat.as_strided(shape, stride, first)
+    tensors = Weights()
+    runs = []
+    for run in layout.runs:
+        if run.count:
+            flat = torch.frombuffer(
+                source, dtype=run.dtype, count=run.count, offset=base + run.begin
+            )
+        else:
+            flat = torch.empty(0, dtype=run.dtype)
+        runs.append(flat)
+        for name, shape, stride, first in run.views:
+            dict.__setitem__(tensors, name, flat.as_strided(shape, stride, first))
+    tensors.layout, tensors.runs = layout, tuple(runs)
     return tensors
 
 

@@ -119,3 +119,61 @@ def test_the_mean_of_models_in_hand_is_the_streaming_mean_bit_for_bit(
         weighted_mean([(models[0], 1.0), (models[1], -1.0)])
     with pytest.raises(ValueError, match="same names"):
         weighted_mean([(models[0], 1.0), ({"w": models[1]["w"]}, 1.0)])
+
+
+def decoded(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model`` as the server gets it: decoded from a payload, tensors viewing its data."""
+    from flcore import codec
+
+    weights, _ = codec.decode(codec.encode(model), copy=False)
+    assert isinstance(weights, codec.Weights) and weights.runs
+    return weights
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_decoded_models_are_folded_a_run_at_a_time_with_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch, exact: bool, block: int
+) -> None:
+    """Models decoded from payloads of one layout are folded one dtype's run at a time; the
+    mean is the tensor-by-tensor mean bit for bit, also when plain dicts come in between."""
+    import flcore.aggregation as aggregation
+
+    monkeypatch.setattr(aggregation, "BLOCK", block)
+    gen = torch.Generator().manual_seed(2)
+    models = [
+        {
+            "w": torch.randn(9, 5, generator=gen) * 10 ** (i - 2),
+            "b": torch.randn(5, generator=gen),
+            "h": torch.randn(20, generator=gen).bfloat16(),
+            "d": torch.randn(3, 2, generator=gen).double(),
+            "n": torch.tensor(3 * i + 1),
+            "m": torch.tensor([i % 2 == 0, True, False]),
+            "e": torch.zeros(0, 4),
+        }
+        for i in range(4)
+    ]
+    weights = [3.0, 0.1, 7.0, 2.5]
+    plain = weighted_mean(iter(zip(models, weights, strict=True)), exact)
+    mean = WeightedMean(exact)
+    for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
+        mean.add(decoded(model) if i != 2 else model, weight)  # the third one: a plain dict
+    runs = mean.result()
+    assert set(runs) == set(plain)
+    for name, tensor in plain.items():
+        assert runs[name].dtype == tensor.dtype and runs[name].shape == tensor.shape
+        assert torch.equal(runs[name].view(-1).view(torch.uint8), tensor.view(-1).view(torch.uint8))
+
+
+def test_a_decoded_model_of_another_layout_is_folded_tensor_by_tensor() -> None:
+    first = {"a": torch.ones(3), "b": torch.full((2,), 2.0)}
+    other = {"a": torch.full((3,), 3.0), "b": torch.full((2,), 4.0), "c": torch.zeros(0)}
+    mean = WeightedMean()
+    mean.add(decoded(first), 1.0)
+    with pytest.raises(ValueError, match="same names"):
+        mean.add(decoded(other), 1.0)
+    del other["c"]
+    mean.add(decoded({k: v.double() for k, v in other.items()}), 1.0)  # another layout
+    result = mean.result()
+    assert torch.equal(result["a"], torch.full((3,), 2.0))
+    assert torch.equal(result["b"], torch.full((2,), 3.0))

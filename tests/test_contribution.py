@@ -176,3 +176,35 @@ def test_a_large_half_precision_model_takes_the_fast_check(monkeypatch) -> None:
     assert contribution.all_finite(weights) and calls == []  # summed in float32: no fallback
     weights[5] = float("nan")
     assert not contribution.all_finite(weights) and calls  # a real NaN: checked element-wise
+
+
+@pytest.mark.parametrize("bad", ["w", "b"])
+def test_a_decoded_contribution_with_nan_is_refused_naming_the_tensor(bad: str) -> None:
+    """Decoded weights are checked a dtype's run at a time; a bad run is then searched
+    tensor by tensor for the name."""
+    weights = {k: v.clone() for k, v in REFERENCE.items()}
+    weights[bad].view(-1)[1] = float("nan")
+    again = Contribution.decode(contribution(weights=weights).encode(), sender="client-0")
+    assert again.weights.runs  # type: ignore[attr-defined]
+    with pytest.raises(ContributionRefused, match=f"tensor '{bad}' has NaN or infinite values"):
+        check(again)
+
+
+def test_decoded_weights_forget_their_runs_when_the_mapping_changes() -> None:
+    from flcore import codec
+
+    changes = [
+        lambda w: w.__setitem__("b", torch.ones(3)),
+        lambda w: w.__delitem__("b"),
+        lambda w: w.pop("b"),
+        lambda w: w.popitem(),
+        lambda w: w.update(b=torch.ones(3)),
+        lambda w: w.setdefault("x", torch.ones(1)),
+        lambda w: w.__ior__({"b": torch.ones(3)}),
+        lambda w: w.clear(),
+    ]
+    for change in changes:
+        weights, _ = codec.decode(contribution().encode(), copy=False)
+        assert isinstance(weights, codec.Weights) and weights.runs and weights.layout
+        change(weights)
+        assert weights.runs == () and weights.layout is None
