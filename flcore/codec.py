@@ -22,7 +22,7 @@ import torch
 from flcore.errors import CodecError
 
 #: What crosses between server and clients: a codec payload, in bytes or a writable buffer.
-Payload = bytes | bytearray
+Payload = bytes | bytearray | memoryview
 
 META_KEY = "flcore"
 #: Largest header accepted: a header is names and shapes, never megabytes.

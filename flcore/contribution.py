@@ -50,7 +50,7 @@ class Contribution:
             raise CodecError(f"contribution of {self.client_id}: metrics not JSON: {err}") from err
 
     @classmethod
-    def decode(cls, payload: bytes | bytearray, sender: str) -> Contribution:
+    def decode(cls, payload: codec.Payload, sender: str) -> Contribution:
         """Decode a payload from ``sender``; any malformed field is a :class:`CodecError`.
 
         The weights are views into ``payload`` when it is writable: the reply becomes the

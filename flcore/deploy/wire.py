@@ -56,7 +56,9 @@ def unpack(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def stream(header: Mapping[str, Any], payload: bytes | bytearray | None = None) -> Iterator[bytes]:
+def stream(
+    header: Mapping[str, Any], payload: bytes | bytearray | memoryview | None = None
+) -> Iterator[bytes]:
     """The messages of one streamed message: the header, then the payload's chunks."""
     view = memoryview(payload if payload is not None else b"")
     yield pack({**header, "size": len(view)})

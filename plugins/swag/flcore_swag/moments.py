@@ -19,8 +19,8 @@ from flcore import codec
 from flcore.errors import CodecError, ContributionRefused
 
 MEAN, VAR, DEV = "mean/", "var/", "dev/"
-#: A codec payload, as the core's codec writes it (``bytes`` or ``bytearray``).
-Payload = bytes | bytearray
+#: A codec payload, as the core's codec writes it (or a runtime's buffer holds it).
+Payload = codec.Payload
 
 
 @attrs.frozen

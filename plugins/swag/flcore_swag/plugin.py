@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flcore import hookimpl
 from flcore.errors import JobError
 from flcore_swag import hookspecs
 from flcore_swag.settings import Settings as SWAGSettings
+
+if TYPE_CHECKING:
+    from flcore import codec  # torch: not imported to list plugins
 
 
 class SWAGPlugin:
@@ -42,8 +45,8 @@ class SWAGPlugin:
 
     @hookimpl
     def client_request(
-        self, ctx: Any, request: str, payload: bytes | bytearray
-    ) -> bytes | bytearray | None:
+        self, ctx: Any, request: str, payload: codec.Payload
+    ) -> codec.Payload | None:
         from flcore_swag import batchnorm, collect
 
         if request == collect.REQUEST:
