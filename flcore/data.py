@@ -69,6 +69,12 @@ def batches(
     n = len(data)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     tensors = tensors if tensors is not None else as_tensors(data)
+    if tensors is not None and len(tensors) == 2:  # inputs and targets: the common case
+        inputs, targets = tensors
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size]
+            yield inputs[index], targets[index]
+        return
     for start in range(0, n, batch_size):
         index = order[start : start + batch_size]
         if tensors is not None:

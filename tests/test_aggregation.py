@@ -104,6 +104,8 @@ def test_the_mean_of_models_in_hand_is_the_streaming_mean_bit_for_bit(
                 "n": torch.tensor(3 * i + 1),
                 "m": torch.tensor([i % 2 == 0, True, False]),
                 "z": torch.tensor([-0.0, 0.0]),
+                "k": torch.arange(12) * (i + 1),  # integers and booleans over many blocks
+                "f": torch.arange(12) % (i + 2) == 0,
             }
         )
     weights = [3.0, 0.1, 7.0, 1e-3, 2.5]

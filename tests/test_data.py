@@ -46,6 +46,15 @@ def test_batches_cover_every_item_once_for_any_dataset() -> None:
     assert plain == [[0, 1], [2, 3], [4]]
 
 
+def test_batches_of_a_dataset_of_three_tensors_keep_all_three() -> None:
+    data = TensorDataset(torch.arange(7.0), torch.arange(7) * 2, torch.arange(7) * 3)
+    got = list(batches(data, 3, torch.Generator().manual_seed(1)))
+    assert [len(batch) for batch in got] == [3, 3, 3]
+    for a, b, c in got:
+        assert torch.equal(b, a.long() * 2) and torch.equal(c, a.long() * 3)
+    assert sorted(torch.cat([a for a, _, _ in got]).tolist()) == list(range(7))
+
+
 def test_generic_datasets_are_split_as_subsets() -> None:
     train, val = split_validation(ListData(10), 0.3, seed=0)
     assert len(train) == 7 and len(val) == 3

@@ -37,7 +37,7 @@ def local_train(ctx: Any, model: torch.nn.Module, data: Any) -> dict[str, Any]:
             loss = loss_fn(model(inputs), targets)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.item()
             iterations += 1
     return {
         "num_samples": len(data),
