@@ -57,19 +57,23 @@ def median_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 
 def interleaved(
     baseline: Callable[[], Any], ours: Callable[[], Any], repeat: int
-) -> tuple[tuple[float, Any], tuple[float, Any]]:
-    """The median times of both, run in turns (baseline, ours, baseline, ...): on a shared
-    machine the load drifts, and a drift must not fall on one side of the ratio only."""
-    times: tuple[list[float], list[float]] = ([], [])
+) -> tuple[tuple[float, float, Any], tuple[float, float, Any]]:
+    """``(median wall time, median CPU time of this process, result)`` of both, run in turns
+    (baseline, ours, baseline, ...): on a shared machine the load drifts, and a drift must
+    not fall on one side of the ratio only. CPU time leaves out the time other tenants take
+    the core, so for single-process runs it is the steadier of the two figures."""
+    wall: tuple[list[float], list[float]] = ([], [])
+    cpu: tuple[list[float], list[float]] = ([], [])
     results: list[Any] = [None, None]
     for _ in range(repeat):
         for side, fn in enumerate((baseline, ours)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             results[side] = fn()
-            times[side].append(time.perf_counter() - start)
+            wall[side].append(time.perf_counter() - start)
+            cpu[side].append(time.process_time() - start_cpu)
     return (
-        (statistics.median(times[0]), results[0]),
-        (statistics.median(times[1]), results[1]),
+        (statistics.median(wall[0]), statistics.median(cpu[0]), results[0]),
+        (statistics.median(wall[1]), statistics.median(cpu[1]), results[1]),
     )
 
 
@@ -116,13 +120,15 @@ def training(
     bare()  # warm: data cache, lazy torch imports
     run_flcore(digits_job(hidden, 2, 1))
     rounds_t: list[float] = []
-    (base_t, base_w), (ours_t, ours_w) = interleaved(
+    (base_t, base_cpu, base_w), (ours_t, ours_cpu, ours_w) = interleaved(
         bare, lambda: run_flcore(job, rounds_t), repeat
     )
     same = all(torch.equal(ours_w[k], base_w[k]) for k in base_w)
     runtime = f"{workers} workers" if workers else "sequential"
     what = f"digits MLP {hidden}, {clients} clients, {rounds} rounds, {runtime}"
     yield Row(case, what + ("" if same else " (WEIGHTS DIFFER)"), ours_t, base_t, "s", target)
+    if not workers:  # one process, one thread: its CPU time is its work, without the noise
+        yield Row(case, "  the same, CPU time", ours_cpu, base_cpu, "s", "(steadier)")
     if workers:  # what the pool costs once per run, apart from what it costs per round
         rounds_only = statistics.median(rounds_t)
         yield Row(

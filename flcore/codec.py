@@ -170,8 +170,8 @@ def _remember(
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
         view = (name, shape, stride, (offset - run.begin) // dtype.itemsize)
         runs[-1] = Run(dtype, run.begin, run.count + math.prod(shape), (*run.views, view))
-    if len(_KNOWN) >= 64:
-        del _KNOWN[next(iter(_KNOWN))]
+    if len(_KNOWN) >= 64:  # the oldest goes (its payloads then take the full path)
+        _KNOWN.pop(next(iter(_KNOWN), ""), None)
     _KNOWN[text] = Layout(text, size, tuple(runs))
 
 
