@@ -31,7 +31,7 @@ class WeightedMean:
         self._sums: dict[str, torch.Tensor] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._buffer = torch.empty(0, dtype=torch.float64)
-        #: When the first state dict was decoded from a payload (:class:`flcore.codec.Weights`):
+        #: When the first state dict came with its payload's data (:class:`flcore.codec.Flat`):
         #: its layout, and one flat accumulator per dtype's run of it, which ``_sums`` views.
         #: Later state dicts of the same layout are folded a run at a time, not a tensor at a
         #: time: the same additions, in far fewer calls for a model of many small tensors.
@@ -40,16 +40,18 @@ class WeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, weights: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, weights: Mapping[str, torch.Tensor], weight: float, flat: Any = None) -> None:
+        """Fold ``weights`` in with ``weight``; ``flat``, the :class:`flcore.codec.Flat` they
+        were decoded with, lets them be folded a dtype's run at a time."""
         _check(weights, weight, self._sums or weights)
         total = self.total_weight + weight
-        layout = getattr(weights, "layout", None)
-        if not self.count and layout is not None:
-            self._start_flat(weights, weight)
-        elif layout is not None and self._layout is not None and layout.key == self._layout.key:
-            runs: tuple[torch.Tensor, ...] = weights.runs  # type: ignore[attr-defined]
-            for (acc, running), flat in zip(self._flats, runs, strict=True):
-                self._fold_in(acc, flat, weight, total, running)
+        if flat is not None and not flat.covers(weights):
+            flat = None  # the mapping no longer holds the tensors decoded
+        if not self.count and flat is not None:
+            self._start_flat(flat, weight)
+        elif flat is not None and self._layout is not None and flat.layout.key == self._layout.key:
+            for (acc, running), run in zip(self._flats, flat.runs, strict=True):
+                self._fold_in(acc, run, weight, total, running)
         else:
             for name, tensor in weights.items():
                 if tensor.requires_grad:
@@ -73,10 +75,10 @@ class WeightedMean:
         if running:
             self._running.add(name)
 
-    def _start_flat(self, weights: Any, weight: float) -> None:
-        self._layout = weights.layout
-        for run, flat in zip(self._layout.runs, weights.runs, strict=True):
-            acc, running = self._first(flat, weight)
+    def _start_flat(self, flat: Any, weight: float) -> None:
+        self._layout = flat.layout
+        for run, data in zip(self._layout.runs, flat.runs, strict=True):
+            acc, running = self._first(data, weight)
             self._flats.append((acc, running))
             for name, shape, stride, first in run.views:
                 self._sums[name] = acc.as_strided(shape, stride, first)
@@ -258,5 +260,7 @@ class OrderedFold:
         if self.mean is None:
             self.accepted.append(contribution)
         else:
-            self.mean.add(contribution.weights, contribution.num_samples)
+            self.mean.add(
+                contribution.weights, contribution.num_samples, getattr(contribution, "flat", None)
+            )
             self.accepted.append(contribution.evolve_without_weights())

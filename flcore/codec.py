@@ -105,51 +105,31 @@ class Layout:
     key: str
     size: int
     runs: tuple[Run, ...]
+    #: Every tensor's name, in the order of the runs.
+    names: tuple[str, ...] = attrs.field(init=False)
+
+    @names.default
+    def _names(self) -> tuple[str, ...]:
+        return tuple(name for run in self.runs for name, *_ in run.views)
 
 
-class Weights(dict[str, torch.Tensor]):
-    """A decoded state dict that remembers its payload's layout: ``runs`` are flat views of
-    the data, one per :class:`Run` of ``layout``, so that a check or a sum over every weight
-    takes one call per dtype instead of one per tensor. Any change to the mapping forgets
-    them (the tensors' values may change in place: the runs share their memory)."""
+@attrs.frozen(eq=False)
+class Flat:
+    """A decoded payload's data as flat views, one per :class:`Run` of ``layout``, and the
+    tensors the decoder made as views of them, in the layout's order: a check or a sum over
+    every weight takes one call per dtype instead of one per tensor. It speaks for a state
+    dict only while that dict holds exactly these tensors (:meth:`covers`); their values may
+    change in place, which the runs see, since they share the memory."""
 
-    layout: Layout | None = None
-    runs: tuple[torch.Tensor, ...] = ()
+    layout: Layout
+    runs: tuple[torch.Tensor, ...]
+    tensors: tuple[torch.Tensor, ...]
 
-    def _forget(self) -> None:
-        self.layout, self.runs = None, ()
-
-    def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self._forget()
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key: str) -> None:
-        self._forget()
-        super().__delitem__(key)
-
-    def __ior__(self, other: Any) -> Weights:  # type: ignore[override,misc]
-        self._forget()
-        return super().__ior__(other)
-
-    def pop(self, *args: Any) -> Any:
-        self._forget()
-        return super().pop(*args)
-
-    def popitem(self) -> tuple[str, torch.Tensor]:
-        self._forget()
-        return super().popitem()
-
-    def clear(self) -> None:
-        self._forget()
-        super().clear()
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        self._forget()
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        self._forget()
-        return super().setdefault(key, default)
+    def covers(self, weights: Mapping[str, torch.Tensor]) -> bool:
+        if len(weights) != len(self.tensors):
+            return False
+        pairs = zip(self.layout.names, self.tensors, strict=True)
+        return all(weights.get(name) is tensor for name, tensor in pairs)
 
 
 #: The layout of each header this process wrote, by the text of its entries: a payload whose
@@ -219,6 +199,15 @@ def decode(
     """Read a payload written by :func:`encode` (or any safetensors file); ``what`` names it in
     errors. With ``copy=False`` and a writable payload, tensors are views into it (no copy):
     the caller then owns the payload and must not reuse it."""
+    tensors, meta, _ = decode_flat(payload, what, copy)
+    return tensors, meta
+
+
+def decode_flat(
+    payload: bytes | bytearray | memoryview, what: str = "payload", copy: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Flat | None]:
+    """:func:`decode`, and the data as a :class:`Flat` when the header is one this process
+    wrote (a client's reply to the server's global model is)."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"{what}: expected bytes, got {type(payload).__name__}")
     size = len(payload)
@@ -234,7 +223,8 @@ def decode(
     known = _known(header)
     if known is not None and known[1].size == size - start and start % 8 == 0:
         meta = _metadata({META_KEY: known[0]}, what)
-        return _views(payload, start, copy, known[1]), meta
+        views = _views(payload, start, copy, known[1])
+        return dict(zip(views.layout.names, views.tensors, strict=True)), meta, views
     try:
         parsed = json.loads(header)
     except ValueError as err:
@@ -272,7 +262,7 @@ def decode(
         else:
             flat = torch.frombuffer(source, dtype=dtype, count=count, offset=base + begin)
         tensors[name] = flat.view(shape)
-    return tensors, meta
+    return tensors, meta, None
 
 
 def _source(
@@ -288,14 +278,11 @@ def _source(
     return bytearray(payload[start:]), 0
 
 
-def _views(
-    payload: bytes | bytearray | memoryview, start: int, copy: bool, layout: Layout
-) -> Weights:
+def _views(payload: bytes | bytearray | memoryview, start: int, copy: bool, layout: Layout) -> Flat:
     """The tensors of a known header: one buffer view per dtype's stretch, one strided view
     of it per tensor (our header pads the data to 8 bytes: every stretch is aligned)."""
     source, base = _source(payload, start, copy)
-    tensors = Weights()
-    runs = []
+    runs, tensors = [], []
     for run in layout.runs:
         if run.count:
             flat = torch.frombuffer(
@@ -304,10 +291,8 @@ def _views(
         else:
             flat = torch.empty(0, dtype=run.dtype)
         runs.append(flat)
-        for name, shape, stride, first in run.views:
-            dict.__setitem__(tensors, name, flat.as_strided(shape, stride, first))
-    tensors.layout, tensors.runs = layout, tuple(runs)
-    return tensors
+        tensors += [flat.as_strided(shape, stride, first) for _, shape, stride, first in run.views]
+    return Flat(layout, tuple(runs), tuple(tensors))
 
 
 def _span(

@@ -23,6 +23,10 @@ class Contribution:
     num_samples: int
     local_iterations: int
     metrics: Mapping[str, Any] = attrs.field(factory=dict)
+    #: The payload's data, when decoded from one this process's codec laid out: what the
+    #: NaN check and the FedAvg fold read, a dtype at a time, while ``weights`` holds the
+    #: tensors decoded (:meth:`flcore.codec.Flat.covers`).
+    flat: codec.Flat | None = attrs.field(default=None, repr=False, eq=False, kw_only=True)
 
     def evolve_without_weights(self) -> Contribution:
         """The same contribution with its weights dropped (``delete_local_models_after_aggregation``)."""
@@ -55,7 +59,9 @@ class Contribution:
 
         The weights are views into ``payload`` when it is writable: the reply becomes the
         contribution, with no second copy of the model."""
-        weights, meta = codec.decode(payload, what=f"contribution from {sender}", copy=False)
+        weights, meta, flat = codec.decode_flat(
+            payload, what=f"contribution from {sender}", copy=False
+        )
         if meta.get("kind") != "contribution":
             raise CodecError(f"contribution from {sender}: payload is not a contribution")
         fields = {
@@ -79,6 +85,7 @@ class Contribution:
             num_samples=meta["num_samples"],
             local_iterations=meta["local_iterations"],
             metrics=meta["metrics"],
+            flat=flat,
         )
 
 
@@ -149,8 +156,12 @@ def validate(
             raise ContributionRefused(
                 f"{who}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}"
             )
-    runs = getattr(contribution.weights, "runs", ())  # a decoded payload's data, per dtype
-    if runs and all(all_finite(flat) for flat in runs):
+    flat = contribution.flat  # a decoded payload's data, a dtype at a time
+    if (
+        flat is not None
+        and flat.covers(contribution.weights)
+        and all(all_finite(run) for run in flat.runs)
+    ):
         return
     for name in reference:
         if not all_finite(contribution.weights[name]):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -123,13 +125,18 @@ def test_the_mean_of_models_in_hand_is_the_streaming_mean_bit_for_bit(
         weighted_mean([(models[0], 1.0), ({"w": models[1]["w"]}, 1.0)])
 
 
-def decoded(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def decoded(model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
     """``model`` as the server gets it: decoded from a payload, tensors viewing its data."""
     from flcore import codec
 
-    weights, _ = codec.decode(codec.encode(model), copy=False)
-    assert isinstance(weights, codec.Weights) and weights.runs
-    return weights
+    weights, _, flat = codec.decode_flat(codec.encode(model), copy=False)
+    assert flat is not None and flat.covers(weights)
+    return weights, flat
+
+
+def _add(mean: WeightedMean, model: dict[str, torch.Tensor], weight: float) -> None:
+    weights, flat = decoded(model)
+    mean.add(weights, weight, flat)
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -159,7 +166,10 @@ def test_decoded_models_are_folded_a_run_at_a_time_with_the_same_bits(
     plain = weighted_mean(iter(zip(models, weights, strict=True)), exact)
     mean = WeightedMean(exact)
     for i, (model, weight) in enumerate(zip(models, weights, strict=True)):
-        mean.add(decoded(model) if i != 2 else model, weight)  # the third one: a plain dict
+        if i == 2:
+            mean.add(model, weight)  # the third one: a plain dict
+        else:
+            _add(mean, model, weight)
     runs = mean.result()
     assert set(runs) == set(plain)
     for name, tensor in plain.items():
@@ -167,15 +177,19 @@ def test_decoded_models_are_folded_a_run_at_a_time_with_the_same_bits(
         assert torch.equal(runs[name].view(-1).view(torch.uint8), tensor.view(-1).view(torch.uint8))
 
 
-def test_a_decoded_model_of_another_layout_is_folded_tensor_by_tensor() -> None:
+def test_a_decoded_model_of_another_layout_or_edited_is_folded_tensor_by_tensor() -> None:
     first = {"a": torch.ones(3), "b": torch.full((2,), 2.0)}
     other = {"a": torch.full((3,), 3.0), "b": torch.full((2,), 4.0), "c": torch.zeros(0)}
     mean = WeightedMean()
-    mean.add(decoded(first), 1.0)
+    _add(mean, first, 1.0)
     with pytest.raises(ValueError, match="same names"):
-        mean.add(decoded(other), 1.0)
+        _add(mean, other, 1.0)
     del other["c"]
-    mean.add(decoded({k: v.double() for k, v in other.items()}), 1.0)  # another layout
+    _add(mean, {k: v.double() for k, v in other.items()}, 1.0)  # another layout
+    weights, flat = decoded({"a": torch.full((3,), 5.0), "b": torch.full((2,), 6.0)})
+    weights["b"] = torch.full((2,), 2.0)  # a hook replaced a tensor: the runs no longer speak
+    assert not flat.covers(weights)
+    mean.add(weights, 1.0, flat)
     result = mean.result()
-    assert torch.equal(result["a"], torch.full((3,), 2.0))
-    assert torch.equal(result["b"], torch.full((2,), 3.0))
+    assert torch.equal(result["a"], torch.full((3,), 3.0))
+    assert torch.equal(result["b"], torch.full((2,), 8 / 3))
