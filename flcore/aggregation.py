@@ -111,10 +111,14 @@ class WeightedMean:
             for run, (acc, running) in zip(self._layout.runs, self._flats, strict=True):
                 for name, *_ in run.views:
                     del self._sums[name]
-                mean = acc if running else _finish(acc.div_(self.total_weight), run.dtype)
-                del acc
+                if not running:
+                    acc.div_(self.total_weight)
                 for name, shape, stride, first in run.views:
-                    out[name] = mean.as_strided(shape, stride, first)
+                    view = acc.as_strided(shape, stride, first)
+                    # a tensor of its own (the cast allocates it), so that keeping one
+                    # tensor of the model does not keep the whole run alive
+                    out[name] = view if running else _finish(view, run.dtype)
+                del acc
             self._flats.clear()
             return out
         for name in list(self._sums):

@@ -193,3 +193,5 @@ def test_a_decoded_model_of_another_layout_or_edited_is_folded_tensor_by_tensor(
     result = mean.result()
     assert torch.equal(result["a"], torch.full((3,), 3.0))
     assert torch.equal(result["b"], torch.full((2,), 8 / 3))
+    # each tensor of the mean has memory of its own: keeping one keeps no other alive
+    assert [result[k].untyped_storage().nbytes() for k in "ab"] == [12, 8]
