@@ -43,3 +43,52 @@ def test_plugins_given_in_python_with_client_hooks_are_refused_naming_the_settin
     ctx = context(["client_side"], {"client_side": ClientSide()})
     with pytest.raises(JobError, match=r"\[job\]\.runtime: plugins \['client_side'\] were given"):
         job_for_remote_clients(ctx, "runtime", "Ray actors")
+
+
+def test_the_embedded_runtime_trains_on_the_jobs_threads_and_gives_them_back(
+    tmp_path: Any,
+) -> None:
+    import torch
+
+    from flcore.run import run_job
+
+    seen: list[int] = []
+
+    class Threads:
+        @hookimpl
+        def before_aggregation(self, ctx: Any) -> None:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_job(
+            small_job(["threads"], job={"threads": 1}),
+            out=tmp_path / "run",
+            extra_plugins={"threads": Threads()},
+        )
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torch_threads_are_held_once_and_given_back_once() -> None:
+    import torch
+
+    from flcore.runtime.base import TorchThreads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        held = TorchThreads()
+        held.hold(1)
+        held.hold(1)  # a second hold keeps the first count to give back
+        assert torch.get_num_threads() == 1
+        held.release()
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(3)
+        held.release()  # nothing held: leaves the count alone
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -54,6 +54,29 @@ def job_for_remote_clients(ctx: FLContext, setting: str, place: str) -> str:
     return dump_toml({**ctx.job.raw, "plugins": section})
 
 
+class TorchThreads:
+    """torch's intra-op thread count of this process, set while a runtime runs and given
+    back when it stops: results depend on it for work done here, and so does contention
+    with clients elsewhere."""
+
+    def __init__(self) -> None:
+        self.before: int | None = None
+
+    def hold(self, threads: int) -> None:
+        import torch
+
+        if self.before is None:
+            self.before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+
+    def release(self) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
+            self.before = None
+
+
 @attrs.frozen
 class ClientResult:
     """One client's reply: a codec payload, or the reason it has none."""

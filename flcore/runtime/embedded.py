@@ -12,20 +12,17 @@ from flcore.client import Client, RequestMemo
 from flcore.codec import Payload
 from flcore.context import FLContext
 from flcore.errors import FLCoreError
-from flcore.runtime.base import ClientResult, Runtime
+from flcore.runtime.base import ClientResult, Runtime, TorchThreads
 
 
 class EmbeddedRuntime(Runtime):
     def __init__(self) -> None:
         self.clients: dict[str, Client] = {}
-        self.threads_before: int | None = None
+        self.threads = TorchThreads()  # the clients train here, on the job's threads
         self.memo = RequestMemo()  # one request payload, decoded once for every client
 
     def start(self, ctx: FLContext) -> list[str]:
-        import torch
-
-        self.threads_before = torch.get_num_threads()
-        torch.set_num_threads(ctx.job.job.threads)
+        self.threads.hold(ctx.job.job.threads)
         shared = ctx.task.model()  # one model for all: a hundred clients need not hold a hundred
         for index in range(ctx.job.job.clients):
             client = Client(ctx.job, ctx.task, ctx.chain, index, ctx.log, model=shared)
@@ -51,7 +48,4 @@ class EmbeddedRuntime(Runtime):
 
     def stop(self, ctx: FLContext) -> None:
         self.clients.clear()
-        if self.threads_before is not None:
-            import torch
-
-            torch.set_num_threads(self.threads_before)
+        self.threads.release()

@@ -25,7 +25,13 @@ from flcore.client import client_name
 from flcore.codec import Payload
 from flcore.context import FLContext
 from flcore.errors import FLCoreError
-from flcore.runtime.base import CLIENT_HOOKS, ClientResult, Runtime, job_for_remote_clients
+from flcore.runtime.base import (
+    CLIENT_HOOKS,
+    ClientResult,
+    Runtime,
+    TorchThreads,
+    job_for_remote_clients,
+)
 
 __all__ = ["CLIENT_HOOKS", "ProcessPoolRuntime", "worker_main"]
 
@@ -148,17 +154,14 @@ class ProcessPoolRuntime(Runtime):
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
         self.assignment: dict[str, int] = {}
-        self.threads_before: int | None = None
+        self.threads = TorchThreads()
 
     def start(self, ctx: FLContext) -> list[str]:
-        import torch
-
         job_text = job_for_remote_clients(ctx, "workers", "worker processes")
         # The server's own work (reading, checking, folding) runs between the workers': with
         # more torch threads, idle OpenMP threads spin on the cores the workers train on
         # (measured: 4 CPU-seconds instead of 1 in case B2, and rounds 30 % slower).
-        self.threads_before = torch.get_num_threads()
-        torch.set_num_threads(1)
+        self.threads.hold(1)
         n_clients = ctx.job.job.clients
         workers = min(self.workers, n_clients)
         threads = ctx.job.job.threads
@@ -257,8 +260,4 @@ class ProcessPoolRuntime(Runtime):
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
-        if self.threads_before is not None:
-            import torch
-
-            torch.set_num_threads(self.threads_before)
-            self.threads_before = None
+        self.threads.release()
