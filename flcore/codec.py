@@ -142,14 +142,17 @@ _PREFIX = f'{{"__metadata__":{{"{META_KEY}":"'
 def _remember(
     text: str, items: list[tuple[str, torch.dtype, tuple[int, ...]]], offsets: list[int], size: int
 ) -> None:
-    runs: list[Run] = []
+    groups: list[tuple[torch.dtype, int, list[Any]]] = []  # (dtype, first byte, views)
     for (name, dtype, shape), offset in zip(items, offsets, strict=True):
-        if not runs or runs[-1].dtype != dtype:
-            runs.append(Run(dtype, offset, 0, ()))
-        run = runs[-1]
+        if not groups or groups[-1][0] != dtype:
+            groups.append((dtype, offset, []))
+        _, begin, views = groups[-1]
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        view = (name, shape, stride, (offset - run.begin) // dtype.itemsize)
-        runs[-1] = Run(dtype, run.begin, run.count + math.prod(shape), (*run.views, view))
+        views.append((name, shape, stride, (offset - begin) // dtype.itemsize))
+    runs = [
+        Run(dtype, begin, sum(math.prod(shape) for _, shape, *_ in views), tuple(views))
+        for dtype, begin, views in groups
+    ]
     if len(_KNOWN) >= 64:  # the oldest goes (its payloads then take the full path)
         _KNOWN.pop(next(iter(_KNOWN), ""), None)
     _KNOWN[text] = Layout(text, size, tuple(runs))
