@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from flcore.codec import Flat, Layout
 
 #: Elements per block when folding into a float64 sum: 512 KiB of float64, so that a block
 #: of the sum and its converted contribution stay in a core's L2 cache.
@@ -35,12 +38,14 @@ class WeightedMean:
         #: its layout, and one flat accumulator per dtype's run of it, which ``_sums`` views.
         #: Later state dicts of the same layout are folded a run at a time, not a tensor at a
         #: time: the same additions, in far fewer calls for a model of many small tensors.
-        self._layout: Any = None
+        self._layout: Layout | None = None
         self._flats: list[tuple[torch.Tensor, bool]] = []
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, weights: Mapping[str, torch.Tensor], weight: float, flat: Any = None) -> None:
+    def add(
+        self, weights: Mapping[str, torch.Tensor], weight: float, flat: Flat | None = None
+    ) -> None:
         """Fold ``weights`` in with ``weight``; ``flat``, the :class:`flcore.codec.Flat` they
         were decoded with, lets them be folded a dtype's run at a time."""
         _check(weights, weight, self._sums or weights)
@@ -75,7 +80,7 @@ class WeightedMean:
         if running:
             self._running.add(name)
 
-    def _start_flat(self, flat: Any, weight: float) -> None:
+    def _start_flat(self, flat: Flat, weight: float) -> None:
         self._layout = flat.layout
         for run, data in zip(self._layout.runs, flat.runs, strict=True):
             acc, running = self._first(data, weight)
@@ -107,7 +112,7 @@ class WeightedMean:
         if not self.count:
             raise ValueError("weighted mean of nothing")
         out = {}
-        if self._flats:
+        if self._layout is not None:
             for run, (acc, running) in zip(self._layout.runs, self._flats, strict=True):
                 for name, *_ in run.views:
                     del self._sums[name]
@@ -120,6 +125,7 @@ class WeightedMean:
                     out[name] = view if running else _finish(view, run.dtype)
                 del acc
             self._flats.clear()
+            self._layout = None
             return out
         for name in list(self._sums):
             if name in self._running:
