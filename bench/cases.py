@@ -129,7 +129,7 @@ def training(
     yield Row(case, what + ("" if same else " (WEIGHTS DIFFER)"), ours_t, base_t, "s", target)
     if not workers:  # one process, one thread: its CPU time is its work, without the noise
         yield Row(case, "  the same, CPU time", ours_cpu, base_cpu, "s", "(steadier)")
-    if workers:  # what the pool costs once per run, apart from what it costs per round
+    else:  # what the pool costs once per run, apart from what it costs per round
         rounds_only = statistics.median(rounds_t)
         yield Row(
             case,
