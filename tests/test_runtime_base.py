@@ -45,8 +45,16 @@ def test_plugins_given_in_python_with_client_hooks_are_refused_naming_the_settin
         job_for_remote_clients(ctx, "runtime", "Ray actors")
 
 
-def test_the_embedded_runtime_trains_on_the_jobs_threads_and_gives_them_back(
-    tmp_path: Any,
+@pytest.mark.parametrize(
+    "job",
+    [
+        {"threads": 1},  # embedded: the clients train in this process, on the job's threads
+        # a pool: the server folds on one thread; more would spin on the workers' cores
+        {"workers": 2, "threads": 2},
+    ],
+)
+def test_the_server_runs_on_its_runtimes_threads_and_gives_them_back(
+    tmp_path: Any, job: dict[str, int]
 ) -> None:
     import torch
 
@@ -60,15 +68,15 @@ def test_the_embedded_runtime_trains_on_the_jobs_threads_and_gives_them_back(
             seen.append(torch.get_num_threads())
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
         run_job(
-            small_job(["threads"], job={"threads": 1}),
+            small_job(["threads"], job=job),
             out=tmp_path / "run",
             extra_plugins={"threads": Threads()},
         )
         assert seen == [1, 1]
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3  # given back when the runtime stops
     finally:
         torch.set_num_threads(before)
 

@@ -60,31 +60,6 @@ def test_plugins_given_in_python_cannot_cross_into_workers(tmp_path: Path) -> No
         )
 
 
-def test_the_server_folds_on_one_thread_while_workers_train(tmp_path: Path) -> None:
-    """More torch threads in the server would spin on the cores the workers train on."""
-    import torch
-
-    seen: list[int] = []
-
-    class Threads:
-        @hookimpl
-        def before_aggregation(self, ctx: Any) -> None:
-            seen.append(torch.get_num_threads())
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        run_job(
-            small_job(["threads"], job={"workers": 2}),
-            out=tmp_path / "run",
-            extra_plugins={"threads": Threads()},
-        )
-        assert seen == [1, 1]
-        assert torch.get_num_threads() == 2  # given back when the pool stops
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_a_worker_that_dies_fails_only_its_clients(plugin_env_python: Path, tmp_path: Path) -> None:
     job = tmp_path / "job.toml"
     job.write_text("""
