@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from flcore.codec import Flat, Layout
 
+_kernel: ModuleType | None
+try:  # float32 widened, weighted and added to a float64 sum in one pass (setup.py builds it)
+    from flcore import _fold as compiled
+
+    _kernel = compiled
+except ImportError:  # installed without a C compiler: torch's two passes, the same bits
+    _kernel = None
+
 #: Elements per block when folding into a float64 sum: 512 KiB of float64, so that a block
-#: of the sum and its converted contribution stay in a core's L2 cache.
+#: of the sum (and, without the kernel, its converted contribution) stays in a core's L2.
 BLOCK = 1 << 16
 
 
@@ -71,7 +81,7 @@ class WeightedMean:
     def _first(self, tensor: torch.Tensor, weight: float) -> tuple[torch.Tensor, bool]:
         """An accumulator from its first tensor, and whether it keeps a running mean."""
         if not self.exact and tensor.dtype in (torch.float32, torch.float64):
-            return tensor.clone(), True
+            return _empty(tensor.shape, tensor.dtype).copy_(tensor), True
         return _scaled(tensor, weight), False  # its weight times it: no zeros written first
 
     def _start(self, name: str, tensor: torch.Tensor, weight: float) -> None:
@@ -116,13 +126,11 @@ class WeightedMean:
             for run, (acc, running) in zip(self._layout.runs, self._flats, strict=True):
                 for name, *_ in run.views:
                     del self._sums[name]
-                if not running:
-                    acc.div_(self.total_weight)
                 for name, shape, stride, first in run.views:
                     view = acc.as_strided(shape, stride, first)
                     # a tensor of its own (the cast allocates it), so that keeping one
                     # tensor of the model does not keep the whole run alive
-                    out[name] = view if running else _finish(view, run.dtype)
+                    out[name] = view if running else _mean(view, self.total_weight, run.dtype)
                 del acc
             self._flats.clear()
             self._layout = None
@@ -131,7 +139,7 @@ class WeightedMean:
             if name in self._running:
                 out[name] = self._sums.pop(name)
                 continue
-            out[name] = _finish(self._sums.pop(name).div_(self.total_weight), self._dtypes[name])
+            out[name] = _mean(self._sums.pop(name), self.total_weight, self._dtypes[name])
         return out
 
 
@@ -143,10 +151,31 @@ def _check(weights: Mapping[str, torch.Tensor], weight: float, names: Iterable[s
         raise ValueError("state dicts of a weighted mean must have the same names")
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a sum or a mean. numpy asks the kernel for huge pages for
+    large arrays and torch does not: writing a model-sized tensor of 4 KiB pages costs about
+    as long as folding a contribution into it (a page fault per 4 KiB)."""
+    numpy_dtype = _NUMPY_DTYPES.get(dtype)
+    if numpy_dtype is None:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(np.empty(tuple(shape), numpy_dtype))
+
+
+def _one_pass(tensor: torch.Tensor) -> bool:
+    """Whether the kernel folds ``tensor``: float32, with the kernel built."""
+    return _kernel is not None and tensor.dtype == torch.float32
+
+
 def _scaled(tensor: torch.Tensor, weight: float) -> torch.Tensor:
     """``weight * tensor`` in a new float64 tensor: an accumulator's first contribution."""
-    acc = torch.empty(tensor.shape, dtype=torch.float64)
+    acc = _empty(tensor.shape, torch.float64)
     flat_acc, flat = acc.view(-1), tensor.detach().reshape(-1)
+    if _kernel is not None and _one_pass(flat):
+        _kernel.scale(flat_acc.numpy(), flat.numpy(), weight)
+        return acc
     for start in range(0, flat.numel(), BLOCK):  # converted and scaled while in cache
         flat_acc[start : start + BLOCK].copy_(flat[start : start + BLOCK]).mul_(weight)
     return acc
@@ -155,7 +184,11 @@ def _scaled(tensor: torch.Tensor, weight: float) -> torch.Tensor:
 def _fold(acc: torch.Tensor, tensor: torch.Tensor, weight: float, buffer: torch.Tensor) -> None:
     """``acc += weight * tensor`` in float64, a cache-sized block at a time: torch's
     mixed-dtype in-place add makes a float64 copy of the whole tensor first (the model
-    twice over, for every client) and runs several times slower than this."""
+    twice over, for every client) and runs several times slower than this. The kernel does
+    it in one pass over the whole tensor."""
+    if _kernel is not None and _one_pass(tensor) and acc.is_contiguous():
+        _kernel.add(acc.view(-1).numpy(), tensor.detach().reshape(-1).numpy(), weight)
+        return
     if tensor.dtype == torch.float64 or tensor.numel() <= BLOCK:
         acc.add_(tensor, alpha=weight)  # small: its float64 temporary is too
         return
@@ -205,11 +238,15 @@ def _mean_in_blocks(
             acc = _scaled(first, items[0][1])
             for tensor, (_, weight) in zip(tensors[1:], items[1:], strict=True):
                 _fold(acc, tensor, weight, buffer)
-            out[name] = _finish(acc.div_(total), first.dtype)
+            out[name] = _mean(acc, total, first.dtype)
             continue
         flats = [t.reshape(-1) for t in tensors]
-        result = torch.empty(first.shape, dtype=first.dtype)
+        result = _empty(first.shape, first.dtype)
         flat_out = result.view(-1)
+        if _one_pass(first):
+            _blocks_in_one_pass(flat_out, flats, [w for _, w in items], total, sums)
+            out[name] = result
+            continue
         for start in range(0, first.numel(), BLOCK):  # the blocks _scaled and _fold use
             stop = min(start + BLOCK, first.numel())
             block_sum, block = sums[: stop - start], buffer[: stop - start]
@@ -220,6 +257,38 @@ def _mean_in_blocks(
             flat_out[start:stop] = _finish(block_sum.div_(total), first.dtype)
         out[name] = result
     return out
+
+
+def _blocks_in_one_pass(
+    out: torch.Tensor,
+    flats: list[torch.Tensor],
+    weights: list[float],
+    total: float,
+    sums: torch.Tensor,
+) -> None:
+    """:func:`_mean_in_blocks` for float32 with the kernel: each block of every model is
+    read once, into a block of the sum that stays in cache, and the block's mean written."""
+    assert _kernel is not None
+    arrays = [flat.numpy() for flat in flats]
+    block_sum, result = sums.numpy(), out.numpy()
+    size = result.shape[0]
+    for start in range(0, size, BLOCK):
+        stop = min(start + BLOCK, size)
+        part = block_sum[: stop - start]
+        _kernel.scale(part, arrays[0][start:stop], weights[0])
+        for array, weight in zip(arrays[1:], weights[1:], strict=True):
+            _kernel.add(part, array[start:stop], weight)
+        _kernel.mean(result[start:stop], part, total)
+
+
+def _mean(total_sum: torch.Tensor, total: float, dtype: torch.dtype) -> torch.Tensor:
+    """A float64 sum divided by ``total``, in ``dtype``, in a tensor of its own; without the
+    kernel the sum is divided in place first."""
+    if _kernel is not None and dtype == torch.float32 and total_sum.is_contiguous():
+        out = _empty(total_sum.shape, dtype)
+        _kernel.mean(out.view(-1).numpy(), total_sum.view(-1).numpy(), total)
+        return out
+    return _finish(total_sum.div_(total), dtype)
 
 
 def _finish(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,7 +5,59 @@ from typing import Any
 import pytest
 import torch
 
+import flcore.aggregation as aggregation
 from flcore.aggregation import WeightedMean, weighted_mean
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def fold_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each exactness test runs with the compiled one-pass fold and with torch's two passes
+    (an install without a C compiler): both must give the same bits."""
+    if request.param == "torch":
+        monkeypatch.setattr(aggregation, "_kernel", None)
+    return str(request.param)
+
+
+def test_the_one_pass_kernel_is_built() -> None:
+    """``make install`` builds flcore._fold; a failed build would silently fall back."""
+    assert aggregation._kernel is not None, "flcore._fold was not built (no C compiler?)"
+
+
+@pytest.mark.parametrize("weights", [[3.0, 1.0, 4.0, 1.0, 5.0], [0.1, 1 / 3, 2.5e-3, 7.7, 1e6]])
+def test_the_kernel_folds_with_torchs_bits(
+    monkeypatch: pytest.MonkeyPatch, weights: list[float]
+) -> None:
+    """Integer weights (sample counts) and arbitrary ones; a model in hand, streamed, and
+    both across many blocks with a ragged last block."""
+    monkeypatch.setattr(aggregation, "BLOCK", 1000)
+    gen = torch.Generator().manual_seed(3)
+    models = [
+        {
+            "w": torch.randn(97, 31, generator=gen) * 10 ** (i - 2),
+            "s": torch.randn(5, generator=gen),
+        }
+        for i in range(len(weights))
+    ]
+    pairs = list(zip(models, weights, strict=True))
+    kernel = [weighted_mean(pairs), weighted_mean(iter(pairs))]
+    monkeypatch.setattr(aggregation, "_kernel", None)
+    torch_ = [weighted_mean(pairs), weighted_mean(iter(pairs))]
+    for how, ours, theirs in zip(["in hand", "streamed"], kernel, torch_, strict=True):
+        for name in theirs:
+            assert ours[name].numpy().tobytes() == theirs[name].numpy().tobytes(), (how, name)
+
+
+def test_a_large_mean_saves_and_loads_as_plain_tensors(tmp_path: Any) -> None:
+    """Large sums and means live in numpy-allocated memory (huge pages): still ordinary
+    tensors to torch.save, torch.load(weights_only=True) and in-place arithmetic."""
+    big = {"w": torch.ones(2_000_000), "b": torch.zeros(3)}
+    mean = weighted_mean([(big, 1.0), ({k: v * 3 for k, v in big.items()}, 1.0)])
+    assert torch.equal(mean["w"], torch.full((2_000_000,), 2.0))
+    torch.save(mean, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert torch.equal(loaded["w"], mean["w"]) and torch.equal(loaded["b"], mean["b"])
+    mean["w"].add_(1.0)
+    assert float(mean["w"][0]) == 3.0
 
 
 def test_weighted_mean_matches_a_hand_computation() -> None:
@@ -17,7 +69,7 @@ def test_weighted_mean_matches_a_hand_computation() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_the_mean_is_exact_for_every_floating_dtype(dtype: torch.dtype) -> None:
+def test_the_mean_is_exact_for_every_floating_dtype(dtype: torch.dtype, fold_path: str) -> None:
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1000, generator=gen).to(dtype) for _ in range(7)]
     counts = [3, 1, 4, 1, 5, 9, 2]
@@ -88,12 +140,10 @@ def test_the_inexact_mean_keeps_one_copy_of_the_model() -> None:
 
 @pytest.mark.parametrize("block", [7, 1 << 18])
 def test_the_mean_of_models_in_hand_is_the_streaming_mean_bit_for_bit(
-    monkeypatch: pytest.MonkeyPatch, block: int
+    monkeypatch: pytest.MonkeyPatch, block: int, fold_path: str
 ) -> None:
     """A list is averaged a block at a time across all models, an iterator one model at a
     time: the same sums in the same order, for every dtype, size and kind of weight."""
-    import flcore.aggregation as aggregation
-
     monkeypatch.setattr(aggregation, "BLOCK", block)  # 7: tensors span many blocks
     gen = torch.Generator().manual_seed(1)
     models = []
@@ -142,12 +192,10 @@ def _add(mean: WeightedMean, model: dict[str, torch.Tensor], weight: float) -> N
 @pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("block", [7, 1 << 16])
 def test_decoded_models_are_folded_a_run_at_a_time_with_the_same_bits(
-    monkeypatch: pytest.MonkeyPatch, exact: bool, block: int
+    monkeypatch: pytest.MonkeyPatch, exact: bool, block: int, fold_path: str
 ) -> None:
     """Models decoded from payloads of one layout are folded one dtype's run at a time; the
     mean is the tensor-by-tensor mean bit for bit, also when plain dicts come in between."""
-    import flcore.aggregation as aggregation
-
     monkeypatch.setattr(aggregation, "BLOCK", block)
     gen = torch.Generator().manual_seed(2)
     models = [
