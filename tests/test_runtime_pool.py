@@ -140,3 +140,30 @@ def test_replies_come_in_the_order_asked_and_an_abandoned_request_leaves_nothing
         assert sorted(clients) == sorted(order)
     finally:
         runtime.stop(ctx)
+
+
+def test_a_workers_outbox_sends_in_order_without_holding_up_its_sender() -> None:
+    """A reply larger than the pipe's buffer is queued, not written by the caller: the
+    worker trains on while the server reads another worker's reply. Messages keep their
+    order; once the server is gone, the next send says so."""
+    import multiprocessing
+
+    from flcore.runtime.pool import Outbox, _receive
+
+    server, worker = multiprocessing.Pipe()
+    outbox = Outbox(worker, depth=2)
+    big = bytearray(range(256)) * (1 << 14)  # 4 MiB, far more than a socket buffer holds
+    outbox.send({"client": "client-0"}, big)  # returns: nobody reads yet
+    outbox.send({"client": "client-1", "error": "boom"})
+    outbox.send({"done": True})
+    header, payload = _receive(server)
+    assert header == {"client": "client-0", "size": len(big)}
+    assert payload is not None and bytes(payload) == bytes(big)
+    assert _receive(server) == ({"client": "client-1", "error": "boom"}, None)
+    assert _receive(server) == ({"done": True}, None)
+    server.close()
+    outbox.send({"client": "client-2"}, big)  # fails in the thread: the server is gone
+    outbox.close()
+    with pytest.raises(OSError):
+        outbox.send({"done": True})
+    worker.close()
