@@ -200,7 +200,9 @@ def case_d(repeat: int) -> Iterator[Row]:
             nbytes / agg_t / GB,
             nbytes / copy_t / GB,
             "GB",
-            ">= 0.7",
+            # the target is the aggregate path's; a streaming fold also reads and writes
+            # its sum for every contribution (see bench/README.md)
+            ">= 0.7" if label.startswith("aggregate") else "(for reference)",
             higher_is_better=True,
         )
 
