@@ -21,100 +21,91 @@
 #define FLCORE_CLONES
 #endif
 
+/* Each loop: out (n items, written), in (n items, read), a number. */
+typedef void (*loop_fn)(void *out, const void *in, Py_ssize_t n, double w);
+
 FLCORE_CLONES static void
-scale_loop(double *restrict sum, const float *restrict x, Py_ssize_t n, double w)
+scale_loop(void *out, const void *in, Py_ssize_t n, double w)
 {
+    double *restrict sum = out;
+    const float *restrict x = in;
     for (Py_ssize_t i = 0; i < n; i++)
         sum[i] = w * (double)x[i];
 }
 
 FLCORE_CLONES static void
-fold_loop(double *restrict sum, const float *restrict x, Py_ssize_t n, double w)
+fold_loop(void *out, const void *in, Py_ssize_t n, double w)
 {
+    double *restrict sum = out;
+    const float *restrict x = in;
     for (Py_ssize_t i = 0; i < n; i++)
         sum[i] = sum[i] + w * (double)x[i]; /* contracted to one FMA where there is one */
 }
 
 static void
-mean_loop(float *restrict out, const double *restrict sum, Py_ssize_t n, double total)
+mean_loop(void *out, const void *in, Py_ssize_t n, double total)
 {
+    float *restrict mean = out;
+    const double *restrict sum = in;
     for (Py_ssize_t i = 0; i < n; i++)
-        out[i] = (float)(sum[i] / total);
+        mean[i] = (float)(sum[i] / total);
 }
 
-/* Both buffers, checked: ``a`` of format ``fa`` (writable), ``b`` of format ``fb``, with
- * the same number of items. On failure both are released and an exception is set. */
-static int
-get_pair(PyObject *args, Py_buffer *a, const char *fa, Py_buffer *b, const char *fb, double *w)
+/* Parse ``(out, in, number)``, check that ``out`` is a writable contiguous buffer of format
+ * ``fout`` and ``in`` a contiguous buffer of format ``fin`` with as many items, and run
+ * ``loop`` over them without the GIL. */
+static PyObject *
+apply(PyObject *args, const char *fout, const char *fin, loop_fn loop)
 {
     PyObject *oa, *ob;
-    if (!PyArg_ParseTuple(args, "OOd", &oa, &ob, w))
-        return -1;
-    if (PyObject_GetBuffer(oa, a, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
-        return -1;
-    if (PyObject_GetBuffer(ob, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        PyBuffer_Release(a);
-        return -1;
+    Py_buffer a, b;
+    double w;
+    if (!PyArg_ParseTuple(args, "OOd", &oa, &ob, &w))
+        return NULL;
+    if (PyObject_GetBuffer(oa, &a, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(ob, &b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyBuffer_Release(&a);
+        return NULL;
     }
     const char *why = NULL;
-    if (strcmp(a->format, fa) != 0 || strcmp(b->format, fb) != 0)
+    Py_ssize_t na = a.len / a.itemsize, nb = b.len / b.itemsize;
+    if (strcmp(a.format, fout) != 0 || strcmp(b.format, fin) != 0)
         why = "wrong item formats";
-    else if (a->len / a->itemsize != b->len / b->itemsize)
+    else if (na != nb)
         why = "lengths differ";
     if (why != NULL) {
         PyErr_Format(PyExc_ValueError, "expected buffers of formats '%s' and '%s' of one length: "
-                     "%s (got '%s' x %zd and '%s' x %zd)", fa, fb, why, a->format,
-                     a->len / a->itemsize, b->format, b->len / b->itemsize);
-        PyBuffer_Release(a);
-        PyBuffer_Release(b);
-        return -1;
+                     "%s (got '%s' x %zd and '%s' x %zd)", fout, fin, why, a.format, na,
+                     b.format, nb);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        loop(a.buf, b.buf, na, w);
+        Py_END_ALLOW_THREADS
     }
-    return 0;
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    if (why != NULL)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
 fold_scale(PyObject *self, PyObject *args)
 {
-    Py_buffer sum, x;
-    double w;
-    if (get_pair(args, &sum, "d", &x, "f", &w) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    scale_loop(sum.buf, x.buf, x.len / x.itemsize, w);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&sum);
-    PyBuffer_Release(&x);
-    Py_RETURN_NONE;
+    return apply(args, "d", "f", scale_loop);
 }
 
 static PyObject *
 fold_add(PyObject *self, PyObject *args)
 {
-    Py_buffer sum, x;
-    double w;
-    if (get_pair(args, &sum, "d", &x, "f", &w) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    fold_loop(sum.buf, x.buf, x.len / x.itemsize, w);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&sum);
-    PyBuffer_Release(&x);
-    Py_RETURN_NONE;
+    return apply(args, "d", "f", fold_loop);
 }
 
 static PyObject *
 fold_mean(PyObject *self, PyObject *args)
 {
-    Py_buffer out, sum;
-    double total;
-    if (get_pair(args, &out, "f", &sum, "d", &total) < 0)
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    mean_loop(out.buf, sum.buf, sum.len / sum.itemsize, total);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&sum);
-    Py_RETURN_NONE;
+    return apply(args, "f", "d", mean_loop);
 }
 
 static PyMethodDef methods[] = {
