@@ -7,6 +7,7 @@ nothing else: no serialization, no events, no validation, no files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,16 +17,26 @@ from flcore.data import derive_seed, seed_torch
 
 
 def bare_fedavg(
-    task: Any, clients: int, rounds: int, epochs: int, batch_size: int, lr: float, seed: int
+    task: Any,
+    clients: int,
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    indices: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The job's final weights. ``indices`` trains only those of the ``clients`` (a share of
+    the work, for measuring what running shares side by side costs)."""
     seed_torch(seed)
     model = task.model()
     global_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    data = [task.client_data(i, clients).tensors for i in range(clients)]
+    shares = range(clients) if indices is None else indices
+    data = [(i, task.client_data(i, clients).tensors) for i in shares]
     for round_ in range(1, rounds + 1):
         sums: dict[str, torch.Tensor] = {}
         total = 0
-        for index, (x, y) in enumerate(data):
+        for index, (x, y) in data:
             model.load_state_dict(global_weights)
             client_seed = derive_seed(seed, "train", round_, client_name(index))
             seed_torch(client_seed)

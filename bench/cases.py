@@ -141,13 +141,66 @@ def training(
         )
 
 
+def _share_of_bare_loop(
+    hidden: int, clients: int, rounds: int, indices: list[int], repeat: int, start: Any, out: Any
+) -> None:
+    """One process of :func:`side_by_side`: the bare loop over ``indices``, ``repeat`` times,
+    each started with the other processes at the barrier ``start``; wall times to ``out``."""
+    import torch
+
+    from examples.digits import Task
+
+    torch.set_num_threads(1)
+    task = Task(hidden=hidden)
+    bare_fedavg(task, clients, 1, 1, 32, 0.05, 0, indices)  # warm, as the bare loop is
+    for _ in range(repeat):
+        start.wait()
+        begin = time.perf_counter()
+        bare_fedavg(task, clients, rounds, 1, 32, 0.05, 0, indices)
+        out.put(time.perf_counter() - begin)
+
+
+def side_by_side(hidden: int, clients: int, rounds: int, processes: int, repeat: int) -> float:
+    """The bare loop's clients dealt to ``processes`` processes that train them at the same
+    time (without averaging across processes): the median time until the slowest is done.
+    No runtime on this machine can train the same clients in parallel faster: it is the
+    floor for the pool, measured, including what the cores cost each other when both work
+    (shared caches, memory, and on a virtual machine, the host's other tenants)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Barrier(processes), context.Queue()
+    workers = [
+        context.Process(
+            target=_share_of_bare_loop,
+            args=(hidden, clients, rounds, list(range(p, clients, processes)), repeat, start, out),
+        )
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    slowest = [max(out.get() for _ in workers) for _ in range(repeat)]
+    for worker in workers:
+        worker.join()
+    return statistics.median(slowest)
+
+
 def case_a(repeat: int) -> Iterator[Row]:
     yield from training("A", 128, 10, 20, None, "<= 1.15", repeat)
 
 
 def case_b(repeat: int) -> Iterator[Row]:
     yield from training("B", 1024, 10, 20, None, "<= 1.15", repeat)
-    yield from training("B2", 1024, 10, 20, 2, "<= 0.65 (2 cores)", repeat)  # needs workers
+    rows = list(training("B2", 1024, 10, 20, 2, "<= 0.65 (2 cores)", repeat))  # needs workers
+    yield from rows
+    yield Row(
+        "B2",
+        "  2 bare loops side by side, 5 clients each (floor)",
+        side_by_side(1024, 10, 20, 2, repeat),
+        rows[0].baseline,
+        "s",
+        "(this machine's floor)",
+    )
 
 
 def case_c(repeat: int) -> Iterator[Row]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 from bench.cases import Row, interleaved
 from tests.conftest import ROOT
 
@@ -39,3 +41,22 @@ def test_an_unknown_case_is_refused_by_name() -> None:
     )
     assert done.returncode == 2
     assert "unknown case(s) ['Z']" in done.stderr
+
+
+def test_the_bare_loop_over_all_indices_is_the_bare_loop() -> None:
+    from bench.baseline import bare_fedavg
+    from examples.digits import Task
+
+    task = Task(hidden=8)
+    whole = bare_fedavg(task, 4, 2, 1, 32, 0.05, 0)
+    listed = bare_fedavg(task, 4, 2, 1, 32, 0.05, 0, indices=[0, 1, 2, 3])
+    share = bare_fedavg(task, 4, 2, 1, 32, 0.05, 0, indices=[1, 3])
+    assert all(torch.equal(whole[k], listed[k]) for k in whole)
+    assert not all(torch.equal(whole[k], share[k]) for k in whole)
+
+
+def test_side_by_side_times_the_slowest_of_processes_started_together() -> None:
+    from bench.cases import side_by_side
+
+    seconds = side_by_side(hidden=8, clients=4, rounds=1, processes=2, repeat=2)
+    assert 0 < seconds < 60
