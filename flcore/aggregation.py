@@ -164,17 +164,18 @@ def _empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(tuple(shape), numpy_dtype))
 
 
-def _one_pass(tensor: torch.Tensor) -> bool:
-    """Whether the kernel folds ``tensor``: float32, with the kernel built."""
-    return _kernel is not None and tensor.dtype == torch.float32
+def _kernel_for(dtype: torch.dtype) -> ModuleType | None:
+    """The compiled one-pass fold when it handles ``dtype`` (float32, and it was built)."""
+    return _kernel if dtype == torch.float32 else None
 
 
 def _scaled(tensor: torch.Tensor, weight: float) -> torch.Tensor:
     """``weight * tensor`` in a new float64 tensor: an accumulator's first contribution."""
     acc = _empty(tensor.shape, torch.float64)
     flat_acc, flat = acc.view(-1), tensor.detach().reshape(-1)
-    if _kernel is not None and _one_pass(flat):
-        _kernel.scale(flat_acc.numpy(), flat.numpy(), weight)
+    kernel = _kernel_for(flat.dtype)
+    if kernel is not None:
+        kernel.scale(flat_acc.numpy(), flat.numpy(), weight)
         return acc
     for start in range(0, flat.numel(), BLOCK):  # converted and scaled while in cache
         flat_acc[start : start + BLOCK].copy_(flat[start : start + BLOCK]).mul_(weight)
@@ -186,8 +187,9 @@ def _fold(acc: torch.Tensor, tensor: torch.Tensor, weight: float, buffer: torch.
     mixed-dtype in-place add makes a float64 copy of the whole tensor first (the model
     twice over, for every client) and runs several times slower than this. The kernel does
     it in one pass over the whole tensor."""
-    if _kernel is not None and _one_pass(tensor) and acc.is_contiguous():
-        _kernel.add(acc.view(-1).numpy(), tensor.detach().reshape(-1).numpy(), weight)
+    kernel = _kernel_for(tensor.dtype)
+    if kernel is not None and acc.is_contiguous():
+        kernel.add(acc.view(-1).numpy(), tensor.detach().reshape(-1).numpy(), weight)
         return
     if tensor.dtype == torch.float64 or tensor.numel() <= BLOCK:
         acc.add_(tensor, alpha=weight)  # small: its float64 temporary is too
@@ -243,8 +245,9 @@ def _mean_in_blocks(
         flats = [t.reshape(-1) for t in tensors]
         result = _empty(first.shape, first.dtype)
         flat_out = result.view(-1)
-        if _one_pass(first):
-            _blocks_in_one_pass(flat_out, flats, [w for _, w in items], total, sums)
+        kernel = _kernel_for(first.dtype)
+        if kernel is not None:
+            _blocks_in_one_pass(kernel, flat_out, flats, [w for _, w in items], total, sums)
             out[name] = result
             continue
         for start in range(0, first.numel(), BLOCK):  # the blocks _scaled and _fold use
@@ -260,6 +263,7 @@ def _mean_in_blocks(
 
 
 def _blocks_in_one_pass(
+    kernel: ModuleType,
     out: torch.Tensor,
     flats: list[torch.Tensor],
     weights: list[float],
@@ -268,25 +272,25 @@ def _blocks_in_one_pass(
 ) -> None:
     """:func:`_mean_in_blocks` for float32 with the kernel: each block of every model is
     read once, into a block of the sum that stays in cache, and the block's mean written."""
-    assert _kernel is not None
     arrays = [flat.numpy() for flat in flats]
     block_sum, result = sums.numpy(), out.numpy()
     size = result.shape[0]
     for start in range(0, size, BLOCK):
         stop = min(start + BLOCK, size)
         part = block_sum[: stop - start]
-        _kernel.scale(part, arrays[0][start:stop], weights[0])
+        kernel.scale(part, arrays[0][start:stop], weights[0])
         for array, weight in zip(arrays[1:], weights[1:], strict=True):
-            _kernel.add(part, array[start:stop], weight)
-        _kernel.mean(result[start:stop], part, total)
+            kernel.add(part, array[start:stop], weight)
+        kernel.mean(result[start:stop], part, total)
 
 
 def _mean(total_sum: torch.Tensor, total: float, dtype: torch.dtype) -> torch.Tensor:
     """A float64 sum divided by ``total``, in ``dtype``, in a tensor of its own; without the
     kernel the sum is divided in place first."""
-    if _kernel is not None and dtype == torch.float32 and total_sum.is_contiguous():
+    kernel = _kernel_for(dtype)
+    if kernel is not None and total_sum.is_contiguous():
         out = _empty(total_sum.shape, dtype)
-        _kernel.mean(out.view(-1).numpy(), total_sum.view(-1).numpy(), total)
+        kernel.mean(out.view(-1).numpy(), total_sum.view(-1).numpy(), total)
         return out
     return _finish(total_sum.div_(total), dtype)
 
