@@ -23,6 +23,9 @@ from flcore.run import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
+#: The local training of cases A, B and C, for flcore's jobs and the bare loop alike.
+LOCAL: dict[str, Any] = {"epochs": 1, "batch_size": 32, "lr": 0.05}
+SEED = 0
 
 
 @attrs.frozen
@@ -83,7 +86,7 @@ def digits_job(hidden: int, clients: int, rounds: int, workers: int | None = Non
         "task": "examples.digits",
         "rounds": rounds,
         "clients": clients,
-        "seed": 0,
+        "seed": SEED,
     }
     if workers is not None:
         job["workers"] = workers
@@ -93,9 +96,18 @@ def digits_job(hidden: int, clients: int, rounds: int, workers: int | None = Non
             "task": {"hidden": hidden},
             # the baseline neither tests nor validates: neither does this job
             "trainer": {"skip_model_tests": True},
-            "local": {"epochs": 1, "batch_size": 32, "lr": 0.05, "validation_split": 0.0},
+            "local": {**LOCAL, "validation_split": 0.0},
         },
         source="bench",
+    )
+
+
+def bare(
+    task: Any, clients: int, rounds: int, indices: list[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """The bare loop doing the work of :func:`digits_job` (of its clients ``indices``)."""
+    return bare_fedavg(
+        task, clients, rounds, LOCAL["epochs"], LOCAL["batch_size"], LOCAL["lr"], SEED, indices
     )
 
 
@@ -116,12 +128,12 @@ def training(
 
     job = digits_job(hidden, clients, rounds, workers)
     task = Task(hidden=hidden)
-    bare = lambda: bare_fedavg(task, clients, rounds, 1, 32, 0.05, 0)  # noqa: E731
-    bare()  # warm: data cache, lazy torch imports
+    loop = partial(bare, task, clients, rounds)
+    loop()  # warm: data cache, lazy torch imports
     run_flcore(digits_job(hidden, 2, 1))
     rounds_t: list[float] = []
     (base_t, base_cpu, base_w), (ours_t, ours_cpu, ours_w) = interleaved(
-        bare, lambda: run_flcore(job, rounds_t), repeat
+        loop, lambda: run_flcore(job, rounds_t), repeat
     )
     same = all(torch.equal(ours_w[k], base_w[k]) for k in base_w)
     runtime = f"{workers} workers" if workers else "sequential"
@@ -152,11 +164,11 @@ def _share_of_bare_loop(
 
     torch.set_num_threads(1)
     task = Task(hidden=hidden)
-    bare_fedavg(task, clients, 1, 1, 32, 0.05, 0, indices)  # warm, as the bare loop is
+    bare(task, clients, 1, indices)  # warm, as the bare loop is
     for _ in range(repeat):
         start.wait()
         begin = time.perf_counter()
-        bare_fedavg(task, clients, rounds, 1, 32, 0.05, 0, indices)
+        bare(task, clients, rounds, indices)
         out.put(time.perf_counter() - begin)
 
 
@@ -243,6 +255,7 @@ def case_d(repeat: int) -> Iterator[Row]:
         "streaming fold, exact float64": partial(streamed, True),
         "streaming fold, exact_mean = false": partial(streamed, False),
     }
+    copy_all()  # warm, as each way below is: the first copy also faults in the targets
     copy_t, _ = median_time(copy_all, repeat)
     for label, fn in ways.items():
         fn()

@@ -13,13 +13,13 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.baseline import bare_fedavg
-from bench.cases import Row, digits_job, median_time
+from bench.cases import Row, bare, digits_job, median_time
 from flcore import codec
 from flcore.job import Job
 from flcore.run import run_job
@@ -53,10 +53,10 @@ def case_ray(repeat: int) -> Iterator[Row]:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     try:
         task = Task(hidden=HIDDEN)
-        bare = lambda: bare_fedavg(task, CLIENTS, ROUNDS, 1, 32, 0.05, 0)  # noqa: E731
-        bare()  # warm: data cache, lazy torch imports
+        loop = partial(bare, task, CLIENTS, ROUNDS)
+        loop()  # warm: data cache, lazy torch imports
         run_on_ray(ray_job(HIDDEN, 2, 1))  # warm: Ray's worker pool
-        base_t, base_w = median_time(bare, repeat)
+        base_t, base_w = median_time(loop, repeat)
         job = ray_job(HIDDEN, CLIENTS, ROUNDS)
         round_times: list[float] = []
 
