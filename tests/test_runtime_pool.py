@@ -167,3 +167,29 @@ def test_a_workers_outbox_sends_in_order_without_holding_up_its_sender() -> None
     with pytest.raises(OSError):
         outbox.send({"done": True})
     worker.close()
+
+
+def test_a_workers_outbox_holds_at_most_depth_messages_then_waits() -> None:
+    """While the server reads nothing, a worker queues ``depth`` messages beyond the one
+    being written, and the next send waits: a slow server bounds a worker's memory."""
+    import multiprocessing
+    import threading
+
+    from flcore.runtime.pool import Outbox, _receive
+
+    server, worker = multiprocessing.Pipe()
+    outbox = Outbox(worker, depth=1)
+    big = bytearray(4 << 20)  # the writer thread blocks in it: nobody reads
+    outbox.send({"client": "client-0"}, big)
+    outbox.send({"client": "client-1"}, big)  # may have to wait until the writer took #0
+    third = threading.Thread(target=outbox.send, args=({"client": "client-2"}, big))
+    third.start()
+    third.join(0.5)
+    assert third.is_alive()  # one in the writer, one queued: the third waits
+    for expected in ("client-0", "client-1", "client-2"):
+        header, payload = _receive(server)
+        assert header["client"] == expected and payload is not None and len(payload) == len(big)
+    third.join()
+    outbox.close()
+    server.close()
+    worker.close()
