@@ -19,6 +19,7 @@ from flcore.contribution import Contribution
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
 from flcore.errors import CodecError
+from flcore.state import state_dict
 
 
 def client_name(index: int) -> str:
@@ -93,7 +94,7 @@ class Client:
         """Copy ``weights`` into the model, tensor by tensor, and return the model's state
         dict: the names, shapes and dtypes must be the model's (``load_state_dict`` does the
         same with more overhead per call)."""
-        target = self.model.state_dict()
+        target = state_dict(self.model)
         if set(weights) != set(target):
             missing, extra = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
             raise CodecError(
@@ -116,7 +117,7 @@ class Client:
         ctx.fire("receive_model", weights=weights)
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
-        local = self.model.state_dict()
+        local = state_dict(self.model)
         if not ctx.job.trainer.delete_local_models_after_aggregation:
             # kept for send_best_model; cloned since validation reloads the model in place
             self.last_weights = {k: v.detach().clone() for k, v in local.items()}
@@ -154,7 +155,7 @@ class Client:
         )
 
     def best_model(self) -> codec.Payload:
-        weights = self.last_weights if self.last_weights is not None else self.model.state_dict()
+        weights = self.last_weights if self.last_weights is not None else state_dict(self.model)
         self.ctx.fire("send_best_model", weights=weights)
         return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
 
