@@ -61,9 +61,14 @@ class _Walk:
                 self._walk(child, f"{prefix}{name}.")
 
     def plain(self) -> bool:
-        """Whether every module builds its state dict as ``nn.Module`` does, hook-free."""
+        """Whether every module builds its state dict as ``nn.Module`` does, hook-free, from
+        plain dicts (a scripted module's are wrappers of C++ state)."""
         for module, cls, _, _ in self.modules:
             if module._state_dict_hooks or module._state_dict_pre_hooks:
+                return False
+            if not all(type(d) is dict for d in (module._parameters, module._buffers)):
+                return False
+            if type(module._modules) is not dict:
                 return False
             for attr in _OWN:
                 if getattr(cls, attr) is not getattr(_Module, attr) or attr in module.__dict__:
@@ -105,16 +110,24 @@ _WALKS: weakref.WeakKeyDictionary[nn.Module, _Walk | None] = weakref.WeakKeyDict
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()``: the same keys in the same order, the same tensors detached."""
     if model in _WALKS:
-        walk = _WALKS[model]
-        if walk is None:
+        known = _WALKS[model]
+        if known is None:
             return model.state_dict()
-        out = walk.read()
+        out = known.read()
         if out is not None:
             return out
     reference = model.state_dict()
-    walk = _Walk(model)
-    _WALKS[model] = walk if walk.plain() and _agrees(walk.read(), reference) else None
+    _WALKS[model] = _walk(model, reference)
     return reference
+
+
+def _walk(model: nn.Module, reference: dict[str, Any]) -> _Walk | None:
+    """A walk of ``model`` that reads what torch does, or ``None`` to leave it to torch."""
+    try:
+        walk = _Walk(model)
+    except (AttributeError, TypeError):  # a module that keeps its state some other way
+        return None
+    return walk if walk.plain() and _agrees(walk.read(), reference) else None
 
 
 def _agrees(ours: dict[str, torch.Tensor] | None, reference: dict[str, Any]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -164,7 +165,14 @@ class OwnStateDict(nn.Linear):
         return out
 
 
-@pytest.mark.parametrize("make", [WithExtraState, lambda: OwnStateDict(2, 2)])
+def scripted() -> nn.Module:
+    """A scripted module keeps its state in wrappers of C++ dicts (torch deprecates it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(mlp())
+
+
+@pytest.mark.parametrize("make", [WithExtraState, lambda: OwnStateDict(2, 2), scripted])
 def test_a_model_that_builds_its_own_state_dict_is_left_to_torch(
     make: Callable[[], nn.Module],
 ) -> None:
