@@ -108,7 +108,9 @@ _WALKS: weakref.WeakKeyDictionary[nn.Module, _Walk | None] = weakref.WeakKeyDict
 
 
 def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()``: the same keys in the same order, the same tensors detached."""
+    """``model.state_dict()``: the same keys in the same order, the same tensors detached, in
+    a plain dict (torch's ``_metadata`` of module versions, which only ``load_state_dict`` of
+    an old checkpoint reads, is not attached)."""
     if model in _WALKS:
         known = _WALKS[model]
         if known is None:
