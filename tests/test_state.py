@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from flcore.state import _WALKS, state_dict
+from flcore.state import _WALKS, _Walk, state_dict
 
 
 def assert_same(model: nn.Module) -> None:
@@ -49,7 +49,7 @@ class Tied(nn.Module):
 def test_it_reads_what_torch_reads(make: Callable[[], nn.Module]) -> None:
     model = make()
     assert_same(model)
-    assert _WALKS[model] is not None  # the shortcut, not torch, answered the second call
+    assert isinstance(_WALKS[model], _Walk)  # the shortcut, not torch, answered the second call
 
 
 def test_the_shortcut_reads_the_model_live() -> None:
@@ -172,10 +172,17 @@ def scripted() -> nn.Module:
         return torch.jit.script(mlp())
 
 
-@pytest.mark.parametrize("make", [WithExtraState, lambda: OwnStateDict(2, 2), scripted])
+def hooked() -> nn.Module:
+    """State-dict hooks from the start (``read`` refuses them, so the walk is never used)."""
+    model = mlp()
+    add_hook(model)
+    return model
+
+
+@pytest.mark.parametrize("make", [WithExtraState, lambda: OwnStateDict(2, 2), scripted, hooked])
 def test_a_model_that_builds_its_own_state_dict_is_left_to_torch(
     make: Callable[[], nn.Module],
 ) -> None:
     model = make()
     assert_same(model)
-    assert _WALKS[model] is None
+    assert _WALKS[model] is False
