@@ -19,6 +19,7 @@ from flcore.contribution import Contribution
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
 from flcore.errors import CodecError
+from flcore.flat_model import flat_model
 from flcore.state import state_dict
 
 
@@ -81,20 +82,27 @@ class Client:
         # Views into the payload, copied once by load_state_dict: no second copy of the model.
         where = f"{what} sent to {self.name}"
         if self.decoder is not None:
-            weights, meta = self.decoder.decode(payload, where)
+            weights, meta, flat = self.decoder.decode(payload, where)
         else:
-            weights, meta = codec.decode(payload, what=where, copy=False)
+            weights, meta, flat = codec.decode_flat(payload, what=where, copy=False)
         round_ = meta.get("round")
         if not isinstance(round_, int):
             raise CodecError(f"{where}: no round number")
         self.ctx.round = round_
-        return self.load(weights, what)
+        return self.load(weights, what, flat)
 
-    def load(self, weights: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-        """Copy ``weights`` into the model, tensor by tensor, and return the model's state
-        dict: the names, shapes and dtypes must be the model's (``load_state_dict`` does the
-        same with more overhead per call)."""
+    def load(
+        self, weights: dict[str, torch.Tensor], what: str, flat: codec.Flat | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Copy ``weights`` into the model and return the model's state dict: the names,
+        shapes and dtypes must be the model's (``load_state_dict`` does the same with more
+        overhead per call). ``flat``, the :class:`flcore.codec.Flat` they were decoded with,
+        lets a model in the wire layout (:mod:`flcore.flat_model`) take them a dtype at a
+        time; otherwise they are copied tensor by tensor."""
+        wire = flat_model(self.model)
         target = state_dict(self.model)
+        if flat is not None and wire is not None and wire.load(flat, weights, target):
+            return target
         if set(weights) != set(target):
             missing, extra = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
             raise CodecError(
@@ -117,7 +125,11 @@ class Client:
         ctx.fire("receive_model", weights=weights)
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
-        local = state_dict(self.model)
+        wire = flat_model(self.model)
+        local: dict[str, torch.Tensor] = state_dict(self.model)
+        flat = None
+        if wire is not None and wire.intact(local):  # sent as the buffer, in one copy
+            local, flat = wire.weights, wire.flat
         if not ctx.job.trainer.delete_local_models_after_aggregation:
             # kept for send_best_model; cloned since validation reloads the model in place
             self.last_weights = {k: v.detach().clone() for k, v in local.items()}
@@ -131,6 +143,7 @@ class Client:
             num_samples=int(result["num_samples"]),
             local_iterations=int(result["local_iterations"]),
             metrics=metrics,
+            flat=flat,
         ).encode()
 
     def validate(self, payload: codec.Payload) -> codec.Payload:
@@ -160,6 +173,10 @@ class Client:
         return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
 
 
+#: What :func:`flcore.codec.decode_flat` returns: weights, metadata and their Flat.
+Decoded = tuple[dict[str, torch.Tensor], dict[str, Any], codec.Flat | None]
+
+
 class RequestMemo:
     """The last request decoded, for clients that run one after another in one process: the
     embedded runtime sends one payload object to every client, and fifty clients need not
@@ -167,17 +184,16 @@ class RequestMemo:
 
     def __init__(self) -> None:
         self.payload: codec.Payload | None = None
-        self.decoded: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        self.decoded: Decoded | None = None
 
-    def decode(
-        self, payload: codec.Payload, what: str
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def decode(self, payload: codec.Payload, what: str) -> Decoded:
+        """:func:`flcore.codec.decode_flat` of ``payload`` (``copy=False``), done once."""
         if payload is not self.payload or self.decoded is None:
             self.payload, self.decoded = None, None
-            self.decoded = codec.decode(payload, what=what, copy=False)  # errors: not kept
+            self.decoded = codec.decode_flat(payload, what=what, copy=False)  # errors: not kept
             self.payload = payload
-        weights, meta = self.decoded
-        return weights, dict(meta)
+        weights, meta, flat = self.decoded
+        return weights, dict(meta), flat
 
     def clear(self) -> None:
         self.payload = self.decoded = None

@@ -51,11 +51,16 @@ def _layout(
     """The header (length prefix included) and ``(offset, tensor)`` of the data, in order."""
     tensors = {name: _plain(t) for name, t in weights.items()}
     order, entries, offsets = _entries(tuple((n, t.dtype, t.shape) for n, t in tensors.items()))
+    layout = [(offset, tensors[name]) for name, offset in zip(order, offsets, strict=True)]
+    return _head(entries, meta), layout
+
+
+def _head(entries: str, meta: Mapping[str, Any] | None) -> bytes:
+    """The header of a payload with these tensor entries, its length prefix included."""
     metadata = encode_basestring_ascii(_JSON.encode(meta or {}))  # a JSON string in JSON
     text = f'{{"__metadata__":{{"{META_KEY}":{metadata}}}{entries}}}'.encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    layout = [(offset, tensors[name]) for name, offset in zip(order, offsets, strict=True)]
-    return len(text).to_bytes(8, "little") + text, layout
+    return len(text).to_bytes(8, "little") + text
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,6 +129,9 @@ class Flat:
     layout: Layout
     runs: tuple[torch.Tensor, ...]
     tensors: tuple[torch.Tensor, ...]
+    #: The whole data section, when the Flat owns it (:func:`flat_buffer`): a payload of
+    #: these tensors is then its header and this, in one copy.
+    data: bytearray | None = attrs.field(default=None, kw_only=True)
 
     def covers(self, weights: Mapping[str, torch.Tensor]) -> bool:
         if len(weights) != len(self.tensors):
@@ -185,15 +193,40 @@ def _buffer(tensor: torch.Tensor) -> Any:
     return tensor.numpy()
 
 
-def encode(weights: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> bytearray:
+def encode(
+    weights: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None = None,
+    flat: Flat | None = None,
+) -> bytearray:
     """Serialize a state dict and a JSON-able mapping into one safetensors payload.
 
     The payload is a ``bytearray`` written in one pass (no intermediate copies), so that the
-    receiver can decode it without copying (:func:`decode` with ``copy=False``).
+    receiver can decode it without copying (:func:`decode` with ``copy=False``). When
+    ``weights`` are exactly the tensors of ``flat``, a :func:`flat_buffer`, its data section
+    is copied whole instead of tensor by tensor.
     """
+    if flat is not None and flat.data is not None and flat.covers(weights):
+        return bytearray().join([_head(flat.layout.key, meta), flat.data])
     head, layout = _layout(weights, meta)
     # one join: sized once, each tensor's memory copied straight in, nothing zeroed first
     return bytearray().join([head, *(_buffer(t) for _, t in layout)])
+
+
+def flat_buffer(weights: Mapping[str, torch.Tensor]) -> Flat:
+    """Fresh tensors of the names, dtypes and shapes of ``weights`` (values unset), laid out
+    in one buffer as a payload's data section is: what :func:`encode` sends of them in one
+    copy, and what a payload of the same layout (:attr:`Flat.layout`) fills in one copy per
+    dtype."""
+    signature = tuple((n, t.dtype, t.shape) for n, t in weights.items())
+    _, entries, _ = _entries(signature)
+    layout = _KNOWN.get(entries)
+    if layout is None:  # still in _entries' cache, but no longer remembered: once more
+        _entries.cache_clear()
+        _, entries, _ = _entries(signature)
+        layout = _KNOWN[entries]
+    data = bytearray(layout.size)
+    views = _views(data, 0, False, layout)
+    return Flat(views.layout, views.runs, views.tensors, data=data)
 
 
 def decode(

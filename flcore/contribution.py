@@ -25,7 +25,8 @@ class Contribution:
     metrics: Mapping[str, Any] = attrs.field(factory=dict)
     #: The payload's data, when decoded from one this process's codec laid out: what the
     #: NaN check and the FedAvg fold read, a dtype at a time, while ``weights`` holds the
-    #: tensors decoded (:meth:`flcore.codec.Flat.covers`).
+    #: tensors decoded (:meth:`flcore.codec.Flat.covers`). On the client, the buffer of a
+    #: model in the wire layout (:mod:`flcore.flat_model`), which is sent in one copy.
     flat: codec.Flat | None = attrs.field(default=None, repr=False, eq=False, kw_only=True)
 
     def evolve_without_weights(self) -> Contribution:
@@ -49,7 +50,7 @@ class Contribution:
             "metrics": dict(self.metrics),
         }
         try:
-            return codec.encode(self.weights, meta)
+            return codec.encode(self.weights, meta, self.flat)
         except TypeError as err:
             raise CodecError(f"contribution of {self.client_id}: metrics not JSON: {err}") from err
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["state_dict"]
+__all__ = ["state_dict", "state_tensors"]
 
 _Module = nn.Module
 _OWN = ("state_dict", "_save_to_state_dict", "get_extra_state")
@@ -121,6 +121,17 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     reference = model.state_dict()
     _WALKS[model] = _walk(model, reference)
     return reference
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The tensors themselves (parameters and buffers, not detached) under the keys of
+    ``state_dict(model)``: what a caller may re-point with ``.data``. ``None`` for a model
+    left to torch, whose state may live elsewhere."""
+    state_dict(model)  # walks it, or walks it again if it changed
+    walk = _WALKS.get(model)
+    if not walk:
+        return None
+    return {key: owner[name] for key, owner, name in walk.entries}
 
 
 def _walk(model: nn.Module, reference: dict[str, Any]) -> _Walk | Literal[False]:

@@ -72,13 +72,13 @@ def test_clients_sharing_a_memo_decode_one_request_once_and_each_names_itself(
     for c in clients:
         c.decoder = memo
     calls: list[str] = []
-    real_decode = codec.decode
+    real_decode = codec.decode_flat
 
     def counting_decode(payload, what="payload", copy=True):  # type: ignore[no-untyped-def]
         calls.append(what)
         return real_decode(payload, what, copy)
 
-    monkeypatch.setattr(codec, "decode", counting_decode)
+    monkeypatch.setattr(codec, "decode_flat", counting_decode)
     weights = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
     payload = codec.encode(weights, {"kind": "global_model", "round": 4})
     for c in clients:
