@@ -212,6 +212,17 @@ def encode(
     return bytearray().join([head, *(_buffer(t) for _, t in layout)])
 
 
+def layout_of(weights: Mapping[str, torch.Tensor]) -> Layout | None:
+    """The layout :func:`encode` gives ``weights`` when it is remembered (it is after
+    encoding them): a payload decoded in the same layout has their names, shapes and dtypes."""
+    signature = tuple((n, t.dtype, t.shape) for n, t in weights.items())
+    try:
+        _, entries, _ = _entries(signature)
+    except CodecError:
+        return None
+    return _KNOWN.get(entries)
+
+
 def flat_buffer(weights: Mapping[str, torch.Tensor]) -> Flat:
     """Fresh tensors of the names, dtypes and shapes of ``weights`` (values unset), laid out
     in one buffer as a payload's data section is: what :func:`encode` sends of them in one

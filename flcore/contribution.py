@@ -118,11 +118,14 @@ def validate(
     round: int,
     clients: set[str] | frozenset[str],
     received: set[str],
+    sent: codec.Layout | None = None,
 ) -> None:
     """Raise :class:`ContributionRefused` with the reason when ``contribution`` may not count.
 
     ``reference`` is the global model the round started from; ``received`` the clients
-    whose reply this round already counted (accepted or refused).
+    whose reply this round already counted (accepted or refused). ``sent`` is the layout
+    ``reference`` was sent in (:func:`flcore.codec.layout_of`): a contribution decoded in
+    that layout has its names, shapes and dtypes, which then need no check one by one.
     """
     who = contribution.client_id
     if who not in clients:
@@ -140,6 +143,14 @@ def validate(
         raise ContributionRefused(
             f"{who}: negative local iteration count {contribution.local_iterations}"
         )
+    flat = contribution.flat  # a decoded payload's data, a dtype at a time
+    if (  # the layout sent: names, shapes and dtypes are the reference's
+        flat is not None
+        and flat.layout is sent
+        and flat.covers(contribution.weights)
+        and all(all_finite(run) for run in flat.runs)
+    ):
+        return
     if contribution.weights.keys() != reference.keys():
         missing = sorted(set(reference) - set(contribution.weights))
         if missing:
@@ -157,7 +168,6 @@ def validate(
             raise ContributionRefused(
                 f"{who}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}"
             )
-    flat = contribution.flat  # a decoded payload's data, a dtype at a time
     if (
         flat is not None
         and flat.covers(contribution.weights)

@@ -107,6 +107,9 @@ class ModelTrainer:
         self.training = training
         self.options = options or training.options
         self.ctx: FLContext = training.ctx
+        #: The layout this round's global model was sent in (contributions are checked
+        #: against it, :func:`flcore.contribution.validate`).
+        self.sent: codec.Layout | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -167,6 +170,7 @@ class ModelTrainer:
         settled: set[str] = set()
         refused: list[str] = []
         payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": ctx.round})
+        self.sent = codec.layout_of(ctx.global_model)
         replies = self.runtime.run(ctx, "train", payload, clients)
         del payload  # the runtime holds it only as long as it needs it
         for result in replies:
@@ -209,6 +213,7 @@ class ModelTrainer:
             round=self.ctx.round,
             clients=frozenset(self.training.clients),
             received=received,
+            sent=self.sent,
         )
         for plugin, answer in self.ctx.fire("receive_contribution", contribution=contribution):
             if answer is False or isinstance(answer, str):

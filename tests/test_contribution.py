@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
+from flcore import codec
 from flcore.contribution import Contribution, validate
 from flcore.errors import CodecError, ContributionRefused
 
@@ -22,13 +25,14 @@ def contribution(**changes) -> Contribution:
     return Contribution(**fields)
 
 
-def check(c: Contribution, received: set[str] | None = None) -> None:
+def check(c: Contribution, received: set[str] | None = None, sent: Any = None) -> None:
     validate(
         c,
         reference=REFERENCE,
         round=2,
         clients={"client-0", "client-1"},
         received=received or set(),
+        sent=sent,
     )
 
 
@@ -207,3 +211,25 @@ def test_decoded_weights_are_a_plain_dict_that_torch_load_reads(tmp_path) -> Non
     loaded = torch.load(tmp_path / "w.pt", weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in REFERENCE.items())
     assert again.evolve_without_weights().flat is None  # the payload is let go with them
+
+
+def test_a_contribution_in_the_layout_sent_is_still_checked_for_what_may_differ() -> None:
+    """Decoded in the layout the global model was sent in, its names, shapes and dtypes are
+    the reference's; its values and a tensor put in after decoding are checked still."""
+    codec.encode(REFERENCE, {"kind": "global_model", "round": 2})
+    sent = codec.layout_of(REFERENCE)
+    assert sent is not None
+    good = Contribution.decode(contribution().encode(), sender="client-0")
+    assert good.flat is not None and good.flat.layout is sent
+    check(good, sent=sent)
+    bad = Contribution.decode(contribution(weights=nan_weights()).encode(), sender="client-0")
+    with pytest.raises(ContributionRefused, match="tensor 'w' has NaN or infinite values"):
+        check(bad, sent=sent)
+    good.weights["b"] = torch.zeros(4)  # type: ignore[index]
+    with pytest.raises(ContributionRefused, match=r"tensor 'b' has shape \(4,\), expected \(3,\)"):
+        check(good, sent=sent)
+    wider = {**REFERENCE, "w": torch.zeros(2, 4)}
+    other = Contribution.decode(contribution(weights=wider).encode(), sender="client-0")
+    assert other.flat is not None and other.flat.layout is not sent
+    with pytest.raises(ContributionRefused, match=r"tensor 'w' has shape \(2, 4\)"):
+        check(other, sent=sent)
