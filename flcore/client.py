@@ -126,10 +126,11 @@ class Client:
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
         wire = flat_model(self.model)
-        local: dict[str, torch.Tensor] = state_dict(self.model)
         flat = None
-        if wire is not None and wire.intact(local):  # sent as the buffer, in one copy
-            local, flat = wire.weights, wire.flat
+        if wire is not None and wire.intact(state_dict(self.model, keep_vars=True)):
+            local, flat = wire.weights, wire.flat  # sent as the buffer, in one copy
+        else:
+            local = state_dict(self.model)
         if not ctx.job.trainer.delete_local_models_after_aggregation:
             # kept for send_best_model; cloned since validation reloads the model in place
             self.last_weights = {k: v.detach().clone() for k, v in local.items()}

@@ -75,7 +75,7 @@ class _Walk:
                     return False
         return True
 
-    def read(self) -> dict[str, torch.Tensor] | None:
+    def read(self, keep_vars: bool = False) -> dict[str, torch.Tensor] | None:
         """The state dict, or ``None`` when the model changed since the walk."""
         for module, cls, counts, skip in self.modules:
             if (
@@ -99,7 +99,7 @@ class _Walk:
             tensor = owner.get(name)
             if tensor is None:
                 return None
-            out[key] = tensor.detach()
+            out[key] = tensor if keep_vars else tensor.detach()
         return out
 
 
@@ -107,31 +107,28 @@ class _Walk:
 _WALKS: weakref.WeakKeyDictionary[nn.Module, _Walk | Literal[False]] = weakref.WeakKeyDictionary()
 
 
-def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()``: the same keys in the same order, the same tensors detached, in
-    a plain dict (torch's ``_metadata`` of module versions, which only ``load_state_dict`` of
-    an old checkpoint reads, is not attached)."""
+def state_dict(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """``model.state_dict(keep_vars=keep_vars)``: the same keys in the same order, the same
+    tensors (detached unless ``keep_vars``), in a plain dict (torch's ``_metadata`` of module
+    versions, which only ``load_state_dict`` of an old checkpoint reads, is not attached)."""
     known = _WALKS.get(model)  # one lookup: this is on every client's path, twice a round
     if known is False:
-        return model.state_dict()
+        return model.state_dict(keep_vars=keep_vars)
     if known is not None:
-        out = known.read()
+        out = known.read(keep_vars)
         if out is not None:
             return out
     reference = model.state_dict()
     _WALKS[model] = _walk(model, reference)
-    return reference
+    return model.state_dict(keep_vars=True) if keep_vars else reference
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The tensors themselves (parameters and buffers, not detached) under the keys of
     ``state_dict(model)``: what a caller may re-point with ``.data``. ``None`` for a model
     left to torch, whose state may live elsewhere."""
-    state_dict(model)  # walks it, or walks it again if it changed
-    walk = _WALKS.get(model)
-    if not walk:
-        return None
-    return {key: owner[name] for key, owner, name in walk.entries}
+    tensors = state_dict(model, keep_vars=True)  # walks it, or walks it again if it changed
+    return tensors if _WALKS.get(model) else None
 
 
 def _walk(model: nn.Module, reference: dict[str, Any]) -> _Walk | Literal[False]:

@@ -186,3 +186,13 @@ def test_a_model_that_builds_its_own_state_dict_is_left_to_torch(
     model = make()
     assert_same(model)
     assert _WALKS[model] is False
+
+
+def test_keep_vars_gives_the_tensors_themselves_as_torch_does() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for _ in range(2):  # the walk, then a read of it
+        ours = state_dict(model, keep_vars=True)
+        theirs = model.state_dict(keep_vars=True)
+        assert list(ours) == list(theirs)
+        assert all(ours[k] is theirs[k] for k in theirs)
+        assert ours["0.weight"].requires_grad and ours["0.weight"] is model[0].weight
