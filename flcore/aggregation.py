@@ -189,7 +189,7 @@ def _fold(acc: torch.Tensor, tensor: torch.Tensor, weight: float, buffer: torch.
     it in one pass over the whole tensor."""
     kernel = _kernel_for(tensor.dtype)
     if kernel is not None and acc.is_contiguous():
-        kernel.add(acc.view(-1).numpy(), tensor.detach().reshape(-1).numpy(), weight)
+        kernel.add(_flat_array(acc), _flat_array(tensor), weight)
         return
     if tensor.dtype == torch.float64 or tensor.numel() <= BLOCK:
         acc.add_(tensor, alpha=weight)  # small: its float64 temporary is too
@@ -200,6 +200,14 @@ def _fold(acc: torch.Tensor, tensor: torch.Tensor, weight: float, buffer: torch.
         block = buffer[: part.numel()]
         block.copy_(part)
         flat_acc[start : start + part.numel()].add_(block, alpha=weight)
+
+
+def _flat_array(tensor: torch.Tensor) -> Any:
+    """The tensor as a contiguous 1-D numpy array, without a torch call for a payload's run
+    (1-D, contiguous, no autograd already): a fold of a small model is a few such calls."""
+    if tensor.dim() == 1 and not tensor.requires_grad and tensor.is_contiguous():
+        return tensor.numpy()
+    return tensor.detach().reshape(-1).numpy()
 
 
 def weighted_mean(

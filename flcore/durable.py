@@ -10,8 +10,9 @@ round to the same bytes.
 
 from __future__ import annotations
 
-import threading
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from flcore.codec import write_atomic
@@ -19,32 +20,46 @@ from flcore.errors import FLCoreError
 
 
 class DurableWriter:
-    """Writes batches of ``(path, data)`` atomically, in order, one batch at a time."""
+    """Writes batches of ``(path, data)`` atomically, in order, one batch at a time.
+
+    One thread, started with the first batch and kept until :meth:`close`: starting a thread
+    per round cost more than handing it a batch (80 us against 20 us, measured)."""
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def submit(self, files: Sequence[tuple[Path, bytes | bytearray]]) -> None:
         """Start writing ``files`` once the previous batch is on disk."""
         self.wait()
-        self._thread = threading.Thread(
-            target=self._write, args=(list(files),), name="flcore-durable-writer"
-        )
-        self._thread.start()
-
-    def _write(self, files: list[tuple[Path, bytes | bytearray]]) -> None:
-        try:
-            for path, data in files:
-                write_atomic(path, data)
-        except BaseException as err:  # reported by the next wait(), in the training's thread
-            self._error = err
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="flcore-durable-writer")
+            # a writer dropped without close() (a Training never run) stops its thread too
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        self._pending = self._pool.submit(_write, list(files))
 
     def wait(self) -> None:
         """Block until the batch in flight is on disk; raise if writing it failed."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise FLCoreError(f"writing the round's files failed: {type(err).__name__}: {err}")
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except BaseException as err:  # reported here, in the training's thread, once
+            raise FLCoreError(
+                f"writing the round's files failed: {type(err).__name__}: {err}"
+            ) from err
+
+    def close(self) -> None:
+        """:meth:`wait`, then stop the thread (a later batch starts another)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+
+def _write(files: list[tuple[Path, bytes | bytearray]]) -> None:
+    for path, data in files:
+        write_atomic(path, data)

@@ -141,7 +141,7 @@ class Training:
                 if self.runtime is not None:
                     self.runtime.stop(ctx)
                 self.registry.pop(self.id, None)
-                self.writer.wait()  # the last round's files are on disk when run() returns
+                self.writer.close()  # the last round's files are on disk when run() returns
 
     def _guard(self, step: Any, stage: str, retries: int = 0) -> None:
         try:
