@@ -228,13 +228,12 @@ def flat_buffer(weights: Mapping[str, torch.Tensor]) -> Flat:
     in one buffer as a payload's data section is: what :func:`encode` sends of them in one
     copy, and what a payload of the same layout (:attr:`Flat.layout`) fills in one copy per
     dtype."""
-    signature = tuple((n, t.dtype, t.shape) for n, t in weights.items())
-    _, entries, _ = _entries(signature)
-    layout = _KNOWN.get(entries)
-    if layout is None:  # still in _entries' cache, but no longer remembered: once more
+    layout = layout_of(weights)
+    if layout is None:  # still in _entries' cache but no longer remembered, or unsupported
         _entries.cache_clear()
-        _, entries, _ = _entries(signature)
-        layout = _KNOWN[entries]
+        layout = layout_of(weights)
+    if layout is None:
+        raise CodecError("these tensors cannot be serialized (a dtype the codec lacks)")
     data = bytearray(layout.size)
     views = _views(data, 0, False, layout)
     return Flat(views.layout, views.runs, views.tensors, data=data)

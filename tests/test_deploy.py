@@ -46,15 +46,28 @@ def kill_client_2_after_round_1(
     killed (SIGKILL) once its round-1 contribution is sent. Returns the server's process and
     the clients'."""
     assert job.job.task == CRASH_TASK
+    return serve_marking_one(deployment, job, run, monkeypatch, "FLCORE_TEST_CRASH", 2)
+
+
+def serve_marking_one(
+    deployment: Deployment,
+    job: Job,
+    run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    marked: int,
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """Serve ``job`` to the clients of NAMES, only the ``marked``-th of which has the
+    environment ``variable`` (which a test task reads) set to its index."""
     deployment.certs(clients=NAMES)
     job_file = deployment.job(job)
     server, address = deployment.server(job_file, run)
     clients = []
-    for name in NAMES:
-        if name == "client-2":
-            monkeypatch.setenv("FLCORE_TEST_CRASH", "2")  # only this process dies
+    for index, name in enumerate(NAMES):
+        if index == marked:
+            monkeypatch.setenv(variable, str(index))
         clients.append(deployment.client(address, name, job_file))
-        monkeypatch.delenv("FLCORE_TEST_CRASH", raising=False)
+        monkeypatch.delenv(variable, raising=False)
     return server, clients
 
 
@@ -237,16 +250,10 @@ def test_a_client_that_stalls_is_dropped_after_the_round_timeout(
             "local": {"batch_size": 8},
         }
     )
-    deployment.certs(clients=NAMES)
-    job_file = deployment.job(job)
     run = tmp_path / "run"
-    server, address = deployment.server(job_file, run)
-    clients = []
-    for name in NAMES:
-        if name == "client-1":
-            monkeypatch.setenv("FLCORE_TEST_STALL", "1")  # only this process stalls
-        clients.append(deployment.client(address, name, job_file))
-        monkeypatch.delenv("FLCORE_TEST_STALL", raising=False)
+    server, clients = serve_marking_one(
+        deployment, job, run, monkeypatch, "FLCORE_TEST_STALL", 1
+    )  # only client-1 stalls
     assert deployment.wait(server) == 0, deployment.log(server)
     lines = metrics(run)
     assert [m["round"] for m in lines] == [1, 2]

@@ -179,3 +179,15 @@ def test_a_run_gives_the_same_bytes_with_and_without_the_buffer(
     monkeypatch.setattr(flcore.client, "flat_model", lambda model: None)
     plain = run_job(job, out=tmp_path / "plain").global_model_path.read_bytes()
     assert flat == plain
+
+
+def test_a_flat_buffer_is_laid_out_even_after_its_layout_was_forgotten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    weights = {"w": torch.ones(2, 3), "n": torch.tensor(4)}
+    first = codec.flat_buffer(weights)
+    monkeypatch.setattr(codec, "_KNOWN", {})  # as when 64 newer layouts pushed it out
+    again = codec.flat_buffer(weights)
+    assert again.layout.key == first.layout.key and codec.layout_of(weights) is again.layout
+    with pytest.raises(codec.CodecError, match="cannot be serialized"):
+        codec.flat_buffer({"z": torch.zeros(2, dtype=torch.complex64)})
