@@ -46,17 +46,23 @@ class FlatModel:
         #: The buffer's tensors by state-dict key: what :func:`flcore.codec.encode` sends in
         #: one copy (``flat=self.flat``).
         self.weights = dict(zip(flat.layout.names, flat.tensors, strict=True))
-        self.places = {name: (t.data_ptr(), t.shape) for name, t in self.weights.items()}
+        self.places = {n: (t.data_ptr(), t.shape, t.dtype) for n, t in self.weights.items()}
 
     def intact(self, state: Mapping[str, torch.Tensor]) -> bool:
         """Whether ``state`` (the model's state dict now) still reads every tensor from where
-        it was put, in the shape it had."""
+        it was put, as the same contiguous view (a transposed one reads other values)."""
         places = self.places
         if len(state) != len(places):
             return False
         for name, tensor in state.items():
             place = places.get(name)
-            if place is None or tensor.data_ptr() != place[0] or tensor.shape != place[1]:
+            if (
+                place is None
+                or tensor.data_ptr() != place[0]
+                or tensor.shape != place[1]
+                or tensor.dtype != place[2]
+                or not tensor.is_contiguous()
+            ):
                 return False
         return True
 

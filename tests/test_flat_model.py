@@ -156,7 +156,12 @@ def repoint_bias(model: nn.Module) -> None:
     model[0].bias.data = torch.zeros_like(model[0].bias)
 
 
-@pytest.mark.parametrize("change", [replace_weight, repoint_bias])
+def transpose_square_weight(model: nn.Module) -> None:
+    square = model[2]  # small_job's MLP: Linear(16, 16), the same memory read transposed
+    square.weight.data = square.weight.data.t()
+
+
+@pytest.mark.parametrize("change", [replace_weight, repoint_bias, transpose_square_weight])
 def test_a_tensor_moved_after_adoption_takes_the_tensor_by_tensor_path(
     client: Client, change: Callable[[nn.Module], None]
 ) -> None:
