@@ -79,7 +79,7 @@ class Client:
     def receive(self, payload: codec.Payload, what: str) -> dict[str, torch.Tensor]:
         """Decode a model sent by the server, load it into ``self.model``, set the round, and
         return the model's own state dict (so a hook that edits it edits the model)."""
-        # Views into the payload, copied once by load_state_dict: no second copy of the model.
+        # Views into the payload, copied once into the model by load: no second copy.
         where = f"{what} sent to {self.name}"
         if self.decoder is not None:
             weights, meta, flat = self.decoder.decode(payload, where)

@@ -144,13 +144,13 @@ def validate(
             f"{who}: negative local iteration count {contribution.local_iterations}"
         )
     flat = contribution.flat  # a decoded payload's data, a dtype at a time
-    if (  # the layout sent: names, shapes and dtypes are the reference's
+    finite_runs = (
         flat is not None
-        and flat.layout is sent
         and flat.covers(contribution.weights)
         and all(all_finite(run) for run in flat.runs)
-    ):
-        return
+    )
+    if finite_runs and flat is not None and flat.layout is sent:
+        return  # the layout sent: names, shapes and dtypes are the reference's
     if contribution.weights.keys() != reference.keys():
         missing = sorted(set(reference) - set(contribution.weights))
         if missing:
@@ -168,11 +168,7 @@ def validate(
             raise ContributionRefused(
                 f"{who}: tensor {name!r} has dtype {got.dtype}, expected {expected.dtype}"
             )
-    if (
-        flat is not None
-        and flat.covers(contribution.weights)
-        and all(all_finite(run) for run in flat.runs)
-    ):
+    if finite_runs:
         return
     for name in reference:
         if not all_finite(contribution.weights[name]):

@@ -102,16 +102,15 @@ def flat_model(model: nn.Module) -> FlatModel | None:
 
 
 def _adopt(model: nn.Module) -> FlatModel | None:
-    state = state_dict(model)
-    tensors = state_tensors(model)
-    if not state or tensors is None or list(tensors) != list(state):
+    tensors = state_tensors(model)  # the state dict's keys, the tensors themselves
+    if not tensors:
         return None
     places = set()
     for tensor in tensors.values():
         if not _owns_plain_memory(tensor) or tensor.data_ptr() in places:
             return None
         places.add(tensor.data_ptr())
-    flat = codec.flat_buffer(state)
+    flat = codec.flat_buffer(tensors)
     before = {}
     with torch.no_grad():
         for name, view in zip(flat.layout.names, flat.tensors, strict=True):

@@ -6,13 +6,14 @@ and recording metadata on the way. A client takes its model's state dict twice p
 (to load the global model into, and to send its own), and between training steps each
 walk cost 16 us for benchmark case C's three-layer MLP in isolation (about 40 us between
 training steps). Here the walk is done once per model, and a call costs 7 us: 16 ms less
-CPU per case C run, about 3 % of it (bench/README.md). Later calls check that nothing the walk found has changed
-(each module's class, its counts of parameters, buffers and children, its non-persistent
-buffers and state-dict hooks, which child sits under each name, which tensors are
-``None``) and read every tensor from its module then, so a parameter replaced by
-assignment or by ``p.data = ...`` is seen. A model the shortcut cannot vouch for (a module
-with its own ``state_dict``, ``_save_to_state_dict`` or ``get_extra_state``, or with
-state-dict hooks) is left to torch, as is any call after a change: that walks again.
+CPU per case C run, about 3 % of it (bench/README.md). Later calls check that nothing the
+walk found has changed (each module's class, its counts of parameters, buffers and
+children, its non-persistent buffers and state-dict hooks, which child sits under each
+name, which tensors are ``None``) and read every tensor from its module then, so a
+parameter replaced by assignment or by ``p.data = ...`` is seen. A model the shortcut
+cannot vouch for (a module with its own ``state_dict``, ``_save_to_state_dict`` or
+``get_extra_state``, or with state-dict hooks) is left to torch, as is any call after a
+change: that walks again.
 """
 
 from __future__ import annotations
