@@ -37,3 +37,18 @@ def test_the_targets_dtype_picks_the_loss_for_every_kind_of_dataset() -> None:
 def test_a_task_s_own_loss_wins() -> None:
     own = SimpleNamespace(loss=F.l1_loss)
     assert loss_function(own, TensorDataset(torch.zeros(2, 1), torch.arange(2))) is F.l1_loss
+
+
+def test_nothing_to_evaluate_gives_no_metrics_and_reads_nothing() -> None:
+    from flcore.defaults.evaluation import evaluate
+
+    class Untouchable(Pairs):
+        def __getitem__(self, i: int):
+            raise AssertionError("an empty split was read")
+
+    model = torch.nn.Linear(2, 3)
+    ctx = SimpleNamespace(task=SimpleNamespace(loss=None))
+    assert evaluate(ctx, model, Untouchable(torch.arange(0))) == {}
+    assert evaluate(ctx, model, TensorDataset(torch.zeros(0, 2), torch.zeros(0))) == {}
+    metrics = evaluate(ctx, model, TensorDataset(torch.zeros(4, 2), torch.arange(4) % 3))
+    assert set(metrics) == {"loss", "accuracy"}
