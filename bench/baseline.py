@@ -3,10 +3,15 @@
 Same model and initialisation, same client partitions, same per-client seeds and batch
 orders, same local SGD steps, the same sample-weighted mean (float64 accumulation) — and
 nothing else: no serialization, no events, no validation, no files.
+
+:func:`parallel_bare_fedavg` is the same loop parallelised by hand, the least any parallel
+runtime has to do: it is what case B2 is measured against besides the single loop.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,24 +43,175 @@ def bare_fedavg(
         total = 0
         for index, (x, y) in data:
             model.load_state_dict(global_weights)
-            client_seed = derive_seed(seed, "train", round_, client_name(index))
-            seed_torch(client_seed)
-            generator = torch.Generator().manual_seed(client_seed)
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-            model.train()
-            for _ in range(epochs):
-                order = torch.randperm(len(y), generator=generator)
-                for start in range(0, len(y), batch_size):
-                    idx = order[start : start + batch_size]
-                    optimizer.zero_grad(set_to_none=True)
-                    torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                    optimizer.step()
-            n = len(y)
-            for name, tensor in model.state_dict().items():
-                if name in sums:
-                    sums[name].add_(tensor, alpha=n)
-                else:
-                    sums[name] = tensor.to(torch.float64, copy=True).mul_(n)
-            total += n
-        global_weights = {k: (v / total).to(global_weights[k].dtype) for k, v in sums.items()}
+            local_sgd(model, x, y, seed, round_, index, epochs, batch_size, lr)
+            add_weighted(sums, model.state_dict(), len(y))
+            total += len(y)
+        global_weights = mean(sums, total, global_weights)
     return global_weights
+
+
+def local_sgd(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    round_: int,
+    index: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+) -> None:
+    """One client's local training in one round, seeded as a job seeds it."""
+    client_seed = derive_seed(seed, "train", round_, client_name(index))
+    seed_torch(client_seed)
+    generator = torch.Generator().manual_seed(client_seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+
+
+def add_weighted(sums: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], n: int) -> None:
+    """Add ``n`` times ``weights`` to the float64 ``sums``, in the order clients are taken."""
+    for name, tensor in weights.items():
+        if name in sums:
+            sums[name].add_(tensor, alpha=n)
+        else:
+            sums[name] = tensor.to(torch.float64, copy=True).mul_(n)
+
+
+def mean(
+    sums: dict[str, torch.Tensor], total: int, like: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return {k: (v / total).to(like[k].dtype) for k, v in sums.items()}
+
+
+def parallel_bare_fedavg(
+    task: Any,
+    clients: int,
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    processes: int,
+    repeat: int,
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """:func:`bare_fedavg` parallelised by hand: ``(median seconds of the rounds, weights)``.
+
+    ``processes`` processes, started and warmed before the clock starts, each train their
+    share of the clients (dealt round-robin, as the pool deals them); this process folds
+    each client's weights into the float64 mean in client order as they come and hands the
+    mean out for the next round. Weights cross in shared memory, one copy each way, and
+    nothing checks them. So it is what any parallel runtime must at least do on this
+    machine: train the clients side by side, wait for the round's last client, and average
+    on the same cores. The final weights are :func:`bare_fedavg`'s bit for bit.
+    """
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    seed_torch(seed)
+    initial = {k: v.detach().clone() for k, v in task.model().state_dict().items()}
+    sizes = [len(task.client_data(i, clients)) for i in range(clients)]
+    shared = _SharedWeights(initial, clients)
+    start, ready = context.Barrier(processes + 1), context.SimpleQueue()
+    workers = [
+        context.Process(
+            target=_train_share,
+            args=(
+                task,
+                clients,
+                rounds,
+                list(range(p, clients, processes)),
+                epochs,
+                batch_size,
+                lr,
+                seed,
+                repeat,
+                shared,
+                start,
+                ready,
+            ),
+            daemon=True,
+        )
+        for p in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    times, final = [], initial
+    for _ in range(repeat):
+        shared.put_global(initial)
+        begin = time.perf_counter()
+        for _ in range(rounds):
+            start.wait()  # the global model is in place: the workers train the round
+            sums: dict[str, torch.Tensor] = {}
+            arrived: set[int] = set()
+            for index in range(clients):  # in client order, as the single loop adds them
+                while index not in arrived:
+                    arrived.add(ready.get())
+                add_weighted(sums, shared.client(index), sizes[index])
+            final = mean(sums, sum(sizes), initial)
+            shared.put_global(final)
+        times.append(time.perf_counter() - begin)
+    start.wait()  # the workers' last wait: they exit
+    for worker in workers:
+        worker.join()
+    return statistics.median(times), {k: v.clone() for k, v in final.items()}
+
+
+class _SharedWeights:
+    """The global model and one slot per client, each a state dict of views into shared
+    memory (given to the worker processes with the tensors' file descriptors)."""
+
+    def __init__(self, like: dict[str, torch.Tensor], clients: int) -> None:
+        self.shapes = {k: (v.shape, v.dtype) for k, v in like.items()}
+        self.global_ = self._make()
+        self.slots = [self._make() for _ in range(clients)]
+
+    def _make(self) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(s, dtype=d).share_memory_() for k, (s, d) in self.shapes.items()}
+
+    def put_global(self, weights: dict[str, torch.Tensor]) -> None:
+        for name, tensor in weights.items():
+            self.global_[name].copy_(tensor)
+
+    def client(self, index: int) -> dict[str, torch.Tensor]:
+        return self.slots[index]
+
+
+def _train_share(
+    task: Any,
+    clients: int,
+    rounds: int,
+    indices: list[int],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    repeat: int,
+    shared: _SharedWeights,
+    start: Any,
+    ready: Any,
+) -> None:
+    """One worker of :func:`parallel_bare_fedavg`."""
+    torch.set_num_threads(1)
+    model = task.model()
+    data = [(i, task.client_data(i, clients).tensors) for i in indices]
+    index, (x, y) = data[0]
+    local_sgd(model, x, y, seed, 0, index, epochs, batch_size, lr)  # warm, as the loop is
+    for _ in range(repeat):
+        for round_ in range(1, rounds + 1):
+            start.wait()
+            for index, (x, y) in data:
+                model.load_state_dict(shared.global_)
+                local_sgd(model, x, y, seed, round_, index, epochs, batch_size, lr)
+                slot = shared.client(index)
+                for name, tensor in model.state_dict().items():
+                    slot[name].copy_(tensor)
+                ready.put(index)
+    start.wait()

@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from bench.baseline import bare_fedavg
+from bench.baseline import bare_fedavg, parallel_bare_fedavg
 from flcore import codec, hookimpl
 from flcore.job import Job
 from flcore.run import run_job
@@ -135,7 +135,7 @@ def training(
     (base_t, base_cpu, base_w), (ours_t, ours_cpu, ours_w) = interleaved(
         loop, lambda: run_flcore(job, rounds_t), repeat
     )
-    same = all(torch.equal(ours_w[k], base_w[k]) for k in base_w)
+    same = _equal(ours_w, base_w)
     runtime = f"{workers} workers" if workers else "sequential"
     what = f"digits MLP {hidden}, {clients} clients, {rounds} rounds, {runtime}"
     yield Row(case, what + ("" if same else " (WEIGHTS DIFFER)"), ours_t, base_t, "s", target)
@@ -213,6 +213,44 @@ def case_b(repeat: int) -> Iterator[Row]:
         "s",
         "(this machine's floor)",
     )
+    yield parallel_by_hand(1024, 10, 20, 2, repeat, rows[0].baseline)
+
+
+def parallel_by_hand(
+    hidden: int, clients: int, rounds: int, processes: int, repeat: int, baseline: float
+) -> Row:
+    """The bare loop parallelised by hand (:func:`bench.baseline.parallel_bare_fedavg`): the
+    floor row plus what it leaves out and every FedAvg round needs, averaging on the same
+    cores and waiting for the round's last client. Its rounds alone, against the single
+    loop's whole run."""
+    from examples.digits import Task
+
+    task = Task(hidden=hidden)
+    seconds, weights = parallel_bare_fedavg(
+        task,
+        clients,
+        rounds,
+        LOCAL["epochs"],
+        LOCAL["batch_size"],
+        LOCAL["lr"],
+        SEED,
+        processes,
+        repeat,
+    )
+    same = _equal(weights, bare(task, clients, rounds))
+    what = f"  the bare loop in {processes} processes, averaged each round"
+    return Row(
+        "B2",
+        what + ("" if same else " (WEIGHTS DIFFER)"),
+        seconds,
+        baseline,
+        "s",
+        "(best case, rounds)",
+    )
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def case_c(repeat: int) -> Iterator[Row]:
