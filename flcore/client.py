@@ -79,6 +79,11 @@ class Client:
     def receive(self, payload: codec.Payload, what: str) -> dict[str, torch.Tensor]:
         """Decode a model sent by the server, load it into ``self.model``, set the round, and
         return the model's own state dict (so a hook that edits it edits the model)."""
+        self.take(payload, what)
+        return state_dict(self.model)
+
+    def take(self, payload: codec.Payload, what: str) -> None:
+        """:meth:`receive` without building the state dict, for when nothing reads it."""
         # Views into the payload, copied once into the model by load: no second copy.
         where = f"{what} sent to {self.name}"
         if self.decoder is not None:
@@ -89,20 +94,20 @@ class Client:
         if not isinstance(round_, int):
             raise CodecError(f"{where}: no round number")
         self.ctx.round = round_
-        return self.load(weights, what, flat)
+        self.load(weights, what, flat)
 
     def load(
         self, weights: dict[str, torch.Tensor], what: str, flat: codec.Flat | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Copy ``weights`` into the model and return the model's state dict: the names,
-        shapes and dtypes must be the model's (``load_state_dict`` does the same with more
-        overhead per call). ``flat``, the :class:`flcore.codec.Flat` they were decoded with,
-        lets a model in the wire layout (:mod:`flcore.flat_model`) take them a dtype at a
-        time; otherwise they are copied tensor by tensor."""
+    ) -> None:
+        """Copy ``weights`` into the model: the names, shapes and dtypes must be the model's
+        (``load_state_dict`` does the same with more overhead per call). ``flat``, the
+        :class:`flcore.codec.Flat` they were decoded with, lets a model in the wire layout
+        (:mod:`flcore.flat_model`) take them a dtype at a time; otherwise they are copied
+        tensor by tensor."""
         wire = flat_model(self.model)
-        target = state_dict(self.model)
+        target = state_dict(self.model, keep_vars=True)  # the tensors, copied into in place
         if flat is not None and wire is not None and wire.load(flat, weights, target):
-            return target
+            return
         if set(weights) != set(target):
             missing, extra = sorted(set(target) - set(weights)), sorted(set(weights) - set(target))
             raise CodecError(
@@ -117,12 +122,12 @@ class Client:
                         f"{tuple(got.shape)}, the model's is {tensor.dtype} {tuple(tensor.shape)}"
                     )
                 tensor.copy_(got)
-        return target
 
     def train(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
-        weights = self.receive(payload, "global model")
-        ctx.fire("receive_model", weights=weights)
+        self.take(payload, "global model")
+        if ctx.handles("receive_model"):  # the state dict is built for a handler only
+            ctx.fire("receive_model", weights=state_dict(self.model))
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
         wire = flat_model(self.model)

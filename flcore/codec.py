@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 import tempfile
 from collections.abc import Mapping
@@ -136,8 +137,8 @@ class Flat:
     def covers(self, weights: Mapping[str, torch.Tensor]) -> bool:
         if len(weights) != len(self.tensors):
             return False
-        pairs = zip(self.layout.names, self.tensors, strict=True)
-        return all(weights.get(name) is tensor for name, tensor in pairs)
+        # map, not a generator: this runs several times per client and round
+        return all(map(operator.is_, map(weights.get, self.layout.names), self.tensors))
 
 
 #: The layout of each header this process wrote, by the text of its entries: a payload whose

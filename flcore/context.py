@@ -87,6 +87,11 @@ class FLContext:
         """Ask a strategy hook through the chain."""
         return self.chain.ask(hook, self, **kwargs)
 
+    def handles(self, hook: str) -> bool:
+        """Whether a plugin in the chain implements ``hook``: an event whose arguments cost
+        something to build need not build them for no one (firing it would do nothing)."""
+        return bool(self.chain.implementations(hook))
+
     def take_snapshot(self) -> RoundSnapshot:
         """Remember the round state (see :class:`RoundSnapshot` for how the model is kept)."""
         by_reference = self.run_dir is not None

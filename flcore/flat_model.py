@@ -79,9 +79,10 @@ class FlatModel:
             return False
         if not (flat.covers(weights) and self.intact(state)):
             return False
-        with torch.no_grad():
-            for mine, theirs in zip(self.flat.runs, flat.runs, strict=True):
-                mine.copy_(theirs)
+        # The runs are plain tensors that require no grad (the model's parameters are views
+        # of them): autograd records nothing here, with or without no_grad's cost.
+        for mine, theirs in zip(self.flat.runs, flat.runs, strict=True):
+            mine.copy_(theirs)
         return True
 
 

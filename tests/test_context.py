@@ -57,3 +57,18 @@ def test_with_a_run_directory_the_model_is_kept_by_reference_and_reread_if_edite
 
     with pytest.raises(RoundFailed, match="edited in place during round 4"):
         ctx.restore_snapshot()
+
+
+def test_handles_says_whether_a_plugin_in_the_chain_implements_a_hook() -> None:
+    from flcore.markers import hookimpl
+
+    class Listens:
+        @hookimpl
+        def receive_model(self, ctx: object, weights: object) -> None: ...
+
+    job = small_job()
+    listening = FLContext(job=job, task=None, chain=Chain([("l", Listens())]), log=make_logger())  # type: ignore[arg-type]
+    bare = FLContext(job=job, task=None, chain=Chain([]), log=make_logger())  # type: ignore[arg-type]
+    assert listening.handles("receive_model")
+    assert not bare.handles("receive_model")
+    assert bare.handles("local_train")  # the core's defaults are plugins too

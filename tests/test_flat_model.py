@@ -17,6 +17,7 @@ from flcore.client import Client
 from flcore.contribution import Contribution
 from flcore.flat_model import flat_model
 from flcore.logging import make_logger
+from flcore.markers import hookimpl
 from flcore.run import run_job
 from flcore.state import state_dict
 from flcore.task import load_task
@@ -196,3 +197,50 @@ def test_a_flat_buffer_is_laid_out_even_after_its_layout_was_forgotten(
     assert again.layout.key == first.layout.key and codec.layout_of(weights) is again.layout
     with pytest.raises(codec.CodecError, match="cannot be serialized"):
         codec.flat_buffer({"z": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_loading_through_the_buffer_records_no_graph(client: Client) -> None:
+    with torch.enable_grad():
+        client.receive(global_model(client, 0.25), "global model")
+    for parameter in client.model.parameters():
+        assert parameter.requires_grad and parameter.is_leaf and parameter.grad_fn is None
+    assert all(not run.requires_grad for run in flat_model(client.model).flat.runs)  # type: ignore[union-attr]
+
+
+class EditsTheModel:
+    """A ``receive_model`` handler: what it sees, and an edit to it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+
+    @hookimpl
+    def receive_model(self, ctx: Any, weights: dict[str, torch.Tensor]) -> None:
+        self.seen = {k: v.clone() for k, v in weights.items()}
+        weights["0.bias"].fill_(3.0)
+
+
+def test_a_receive_model_handler_gets_the_model_s_own_state_dict_before_training(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = small_job()
+    handler = EditsTheModel()
+    client = Client(job, load_task(job), Chain([("edits", handler)]), 0, make_logger())
+    client.handle("train", global_model(client, 0.25))
+    assert list(handler.seen) == list(client.model.state_dict())
+    assert all(torch.equal(t, torch.full_like(t, 0.25)) for t in handler.seen.values())
+    # the edit reached the model: it trained from a bias of 3, not 0.25
+    assert abs(float(client.model.state_dict()["0.bias"].mean()) - 3.0) < 1.0
+
+
+def test_without_a_receive_model_handler_no_state_dict_is_built_for_it(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[bool] = []
+
+    def counting(model: nn.Module, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        built.append(keep_vars)
+        return state_dict(model, keep_vars)
+
+    monkeypatch.setattr(flcore.client, "state_dict", counting)
+    client.handle("train", global_model(client, 0.25))
+    assert built and all(built)  # only the tensors themselves, to check where they are
