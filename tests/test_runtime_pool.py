@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,22 @@ def test_a_workers_outbox_holds_at_most_depth_messages_then_waits() -> None:
     outbox.close()
     server.close()
     worker.close()
+
+
+def test_the_fork_server_preloads_every_flcore_module_a_worker_imports() -> None:
+    """A worker imports its entry point's module and the parent's main module again; what
+    the fork server did not import, every worker of every run imports at its start."""
+    code = (
+        "import importlib, sys\n"
+        "from flcore.runtime.pool import PRELOAD\n"
+        "for name in PRELOAD: importlib.import_module(name)\n"
+        "before = set(sys.modules)\n"
+        "import flcore.runtime.pool, flcore.cli, flcore.run\n"
+        "from flcore.runtime.pool import worker_main\n"
+        "import flcore.chain, flcore.client, flcore.job, flcore.logging, flcore.task\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.startswith('flcore')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
