@@ -91,6 +91,87 @@ def mean(
     return {k: (v / total).to(like[k].dtype) for k, v in sums.items()}
 
 
+class ParallelBareLoop:
+    """:func:`bare_fedavg` parallelised by hand: :meth:`run` gives ``(seconds, weights)``.
+
+    ``processes`` processes, started and warmed here, before any clock starts, each train
+    their share of the clients (dealt round-robin, as the pool deals them); this process
+    folds each client's weights into the float64 mean in client order as they come and hands
+    the mean out for the next round. Weights cross in shared memory, one copy each way, and
+    nothing checks them. So it is what any parallel runtime must at least do on this
+    machine: train the clients side by side, wait for the round's last client, and average
+    on the same cores. The final weights are :func:`bare_fedavg`'s bit for bit. The
+    processes wait between runs, so that runs can alternate with other measurements.
+    """
+
+    def __init__(
+        self,
+        task: Any,
+        clients: int,
+        rounds: int,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        seed: int,
+        processes: int,
+    ) -> None:
+        import torch.multiprocessing as mp
+
+        context = mp.get_context("spawn")
+        self.clients, self.rounds = clients, rounds
+        seed_torch(seed)
+        self.initial = {k: v.detach().clone() for k, v in task.model().state_dict().items()}
+        self.sizes = [len(task.client_data(i, clients)) for i in range(clients)]
+        self.shared = _SharedWeights(self.initial, clients)
+        self.start, self.ready = context.Barrier(processes + 1), context.SimpleQueue()
+        self.round = context.Value("i", 0)  # the round to train; 0: stop
+        local = (epochs, batch_size, lr, seed)
+        self.workers = [
+            context.Process(
+                target=_train_share,
+                args=(
+                    task,
+                    clients,
+                    list(range(p, clients, processes)),
+                    local,
+                    self.shared,
+                    self.start,
+                    self.ready,
+                    self.round,
+                ),
+                daemon=True,
+            )
+            for p in range(processes)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def run(self) -> tuple[float, dict[str, torch.Tensor]]:
+        """One run of every round: its seconds, and the final weights."""
+        shared, final = self.shared, self.initial
+        shared.put_global(final)
+        begin = time.perf_counter()
+        for round_ in range(1, self.rounds + 1):
+            self.round.value = round_
+            self.start.wait()  # the global model is in place: the workers train the round
+            sums: dict[str, torch.Tensor] = {}
+            arrived: set[int] = set()
+            for index in range(self.clients):  # in client order, as the loop adds them
+                while index not in arrived:
+                    arrived.add(self.ready.get())
+                add_weighted(sums, shared.client(index), self.sizes[index])
+            final = mean(sums, sum(self.sizes), self.initial)
+            shared.put_global(final)
+        seconds = time.perf_counter() - begin
+        return seconds, {k: v.clone() for k, v in final.items()}
+
+    def close(self) -> None:
+        self.round.value = 0
+        self.start.wait()
+        for worker in self.workers:
+            worker.join()
+
+
 def parallel_bare_fedavg(
     task: Any,
     clients: int,
@@ -102,66 +183,13 @@ def parallel_bare_fedavg(
     processes: int,
     repeat: int,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """:func:`bare_fedavg` parallelised by hand: ``(median seconds of the rounds, weights)``.
-
-    ``processes`` processes, started and warmed before the clock starts, each train their
-    share of the clients (dealt round-robin, as the pool deals them); this process folds
-    each client's weights into the float64 mean in client order as they come and hands the
-    mean out for the next round. Weights cross in shared memory, one copy each way, and
-    nothing checks them. So it is what any parallel runtime must at least do on this
-    machine: train the clients side by side, wait for the round's last client, and average
-    on the same cores. The final weights are :func:`bare_fedavg`'s bit for bit.
-    """
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    seed_torch(seed)
-    initial = {k: v.detach().clone() for k, v in task.model().state_dict().items()}
-    sizes = [len(task.client_data(i, clients)) for i in range(clients)]
-    shared = _SharedWeights(initial, clients)
-    start, ready = context.Barrier(processes + 1), context.SimpleQueue()
-    workers = [
-        context.Process(
-            target=_train_share,
-            args=(
-                task,
-                clients,
-                rounds,
-                list(range(p, clients, processes)),
-                epochs,
-                batch_size,
-                lr,
-                seed,
-                repeat,
-                shared,
-                start,
-                ready,
-            ),
-            daemon=True,
-        )
-        for p in range(processes)
-    ]
-    for worker in workers:
-        worker.start()
-    times, final = [], initial
-    for _ in range(repeat):
-        shared.put_global(initial)
-        begin = time.perf_counter()
-        for _ in range(rounds):
-            start.wait()  # the global model is in place: the workers train the round
-            sums: dict[str, torch.Tensor] = {}
-            arrived: set[int] = set()
-            for index in range(clients):  # in client order, as the single loop adds them
-                while index not in arrived:
-                    arrived.add(ready.get())
-                add_weighted(sums, shared.client(index), sizes[index])
-            final = mean(sums, sum(sizes), initial)
-            shared.put_global(final)
-        times.append(time.perf_counter() - begin)
-    start.wait()  # the workers' last wait: they exit
-    for worker in workers:
-        worker.join()
-    return statistics.median(times), {k: v.clone() for k, v in final.items()}
+    """``repeat`` runs of a :class:`ParallelBareLoop`: the median seconds, and the weights."""
+    loop = ParallelBareLoop(task, clients, rounds, epochs, batch_size, lr, seed, processes)
+    try:
+        runs = [loop.run() for _ in range(repeat)]
+    finally:
+        loop.close()
+    return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 class _SharedWeights:
@@ -187,31 +215,29 @@ class _SharedWeights:
 def _train_share(
     task: Any,
     clients: int,
-    rounds: int,
     indices: list[int],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    repeat: int,
+    local: tuple[int, int, float, int],
     shared: _SharedWeights,
     start: Any,
     ready: Any,
+    round_: Any,
 ) -> None:
-    """One worker of :func:`parallel_bare_fedavg`."""
+    """One worker of :class:`ParallelBareLoop`: trains its clients each round it is given."""
+    epochs, batch_size, lr, seed = local
     torch.set_num_threads(1)
     model = task.model()
     data = [(i, task.client_data(i, clients).tensors) for i in indices]
     index, (x, y) = data[0]
     local_sgd(model, x, y, seed, 0, index, epochs, batch_size, lr)  # warm, as the loop is
-    for _ in range(repeat):
-        for round_ in range(1, rounds + 1):
-            start.wait()
-            for index, (x, y) in data:
-                model.load_state_dict(shared.global_)
-                local_sgd(model, x, y, seed, round_, index, epochs, batch_size, lr)
-                slot = shared.client(index)
-                for name, tensor in model.state_dict().items():
-                    slot[name].copy_(tensor)
-                ready.put(index)
-    start.wait()
+    while True:
+        start.wait()
+        current = round_.value  # set before the barrier, changed after the round's last
+        if current == 0:
+            return
+        for index, (x, y) in data:
+            model.load_state_dict(shared.global_)
+            local_sgd(model, x, y, seed, current, index, epochs, batch_size, lr)
+            slot = shared.client(index)
+            for name, tensor in model.state_dict().items():
+                slot[name].copy_(tensor)
+            ready.put(index)

@@ -27,6 +27,10 @@ def test_baseline_and_flcore_alternate_and_report_wall_and_cpu_medians() -> None
     assert calls == ["base", "ours"] * 3
     assert (base, ours) == ("base", "ours")
     assert base_wall > 0 and ours_wall > 0 and base_cpu > 0 and ours_cpu > 0
+    calls.clear()
+    three = interleaved(lambda: spin("base"), lambda: spin("ours"), 2, lambda: spin("best"))
+    assert calls == ["base", "ours", "best"] * 2
+    assert [result for _, _, result in three] == ["base", "ours", "best"]
 
 
 def test_a_row_prints_both_figures_and_their_ratio() -> None:
