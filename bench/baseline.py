@@ -4,13 +4,12 @@ Same model and initialisation, same client partitions, same per-client seeds and
 orders, same local SGD steps, the same sample-weighted mean (float64 accumulation) — and
 nothing else: no serialization, no events, no validation, no files.
 
-:func:`parallel_bare_fedavg` is the same loop parallelised by hand, the least any parallel
+:class:`ParallelBareLoop` is the same loop parallelised by hand, the least any parallel
 runtime has to do: it is what case B2 is measured against besides the single loop.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -170,26 +169,6 @@ class ParallelBareLoop:
         self.start.wait()
         for worker in self.workers:
             worker.join()
-
-
-def parallel_bare_fedavg(
-    task: Any,
-    clients: int,
-    rounds: int,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    processes: int,
-    repeat: int,
-) -> tuple[float, dict[str, torch.Tensor]]:
-    """``repeat`` runs of a :class:`ParallelBareLoop`: the median seconds, and the weights."""
-    loop = ParallelBareLoop(task, clients, rounds, epochs, batch_size, lr, seed, processes)
-    try:
-        runs = [loop.run() for _ in range(repeat)]
-    finally:
-        loop.close()
-    return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 class _SharedWeights:
