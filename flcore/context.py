@@ -88,8 +88,8 @@ class FLContext:
         return self.chain.ask(hook, self, **kwargs)
 
     def handles(self, hook: str) -> bool:
-        """Whether a plugin in the chain implements ``hook``: an event whose arguments cost
-        something to build need not build them for no one (firing it would do nothing)."""
+        """Whether a plugin in the chain implements ``hook``. Firing an event that nothing
+        handles does nothing, so a caller need not build costly arguments for it."""
         return bool(self.chain.implementations(hook))
 
     def take_snapshot(self) -> RoundSnapshot:
