@@ -298,7 +298,7 @@ def _mean(total_sum: torch.Tensor, total: float, dtype: torch.dtype) -> torch.Te
     kernel = _kernel_for(dtype)
     if kernel is not None and total_sum.is_contiguous():
         out = _empty(total_sum.shape, dtype)
-        kernel.mean(out.view(-1).numpy(), total_sum.view(-1).numpy(), total)
+        kernel.mean(_flat_array(out), _flat_array(total_sum), total)
         return out
     return _finish(total_sum.div_(total), dtype)
 

@@ -219,9 +219,7 @@ class EditsTheModel:
         weights["0.bias"].fill_(3.0)
 
 
-def test_a_receive_model_handler_gets_the_model_s_own_state_dict_before_training(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_receive_model_handler_gets_the_model_s_own_state_dict_before_training() -> None:
     job = small_job()
     handler = EditsTheModel()
     client = Client(job, load_task(job), Chain([("edits", handler)]), 0, make_logger())
