@@ -1,25 +1,33 @@
 """Every event of a federated training, as one documented pluggy hookspec.
 
 This module is the list a plugin author reads. Each hook takes the run's context
-``ctx`` (:class:`flcore.context.FLContext`) first; an implementation may accept any
-subset of the arguments, by name. Names follow NVIDIA Clara Train's handler events
-and the DLR demonstrator's trainer.
+``ctx`` first: a :class:`flcore.ServerContext` on the server, a :class:`flcore.ClientContext`
+in a client (``register_commands`` alone takes none). An implementation may accept any
+subset of the arguments, by name. Names follow NVIDIA Clara Train's handler events and the
+DLR demonstrator's trainer.
 
-Two kinds of hook:
+Two kinds of hook, both called by pluggy:
 
 * **Handler hooks** react to an event. They run in the order of the job's
-  ``[plugins] chain`` (``shutdown`` in reverse), then the core's defaults. When one
-  raises, every handler that already handled the same event gets ``rollback``
-  in reverse order and the round is restored to its snapshot.
+  ``[plugins] chain`` (``shutdown`` in reverse), then the core's defaults. When anything
+  fails during a round, every plugin that handled any event of that round gets
+  ``rollback`` once, in reverse order of first handling, and the round is restored to its
+  snapshot.
 * **Strategy hooks** (``firstresult``) answer a question; the first plugin in the
   chain that returns something other than ``None`` wins, the core answers last.
+
+pluggy's options work as pluggy documents them: ``@hookimpl(wrapper=True)`` wraps the
+whole chain's call of a hook and sees its result or exception; ``tryfirst`` and
+``trylast`` move an implementation to the front or back of the chain's order. An
+implementation named after no hook, or taking an argument its hook does not have, is an
+error when the plugin loads.
 
 ``side`` says where a hook runs: on the server, or in the client's process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flcore.markers import hookspec
@@ -27,12 +35,15 @@ from flcore.markers import hookspec
 if TYPE_CHECKING:
     import torch
 
-    from flcore.context import FLContext
+    import click
+
+    from flcore.context import ClientContext, ServerContext
     from flcore.contribution import Contribution
     from flcore.runtime.base import Runtime
     from flcore.trainer import ModelTrainer
 
     Weights = Mapping[str, torch.Tensor]
+    FLContext = ServerContext | ClientContext
 
 
 # -- lifecycle (server) -------------------------------------------------------------
@@ -110,8 +121,16 @@ def receive_contribution(ctx: FLContext, contribution: Contribution) -> bool | s
 
     Side: server. Return ``False`` or a reason (``str``) to refuse it: it is
     logged and left out of the round. ``None`` or ``True`` accepts it. This is the
-    one place that sees every contribution with its weights (clip or inspect them
-    here): they are folded into the mean right after.
+    one place that sees every contribution with its weights, and the server's update
+    filter: a handler may replace entries of ``contribution.weights`` (clip, unmask,
+    decompress), and each later handler in the chain sees the replaced tensors. Never edit
+    a tensor in place (it may be a view of the received bytes). What the chain leaves is
+    checked again (names, shapes, dtypes, finite values), then folded into the mean::
+
+        @hookimpl
+        def receive_contribution(self, ctx, contribution):
+            for name, w in contribution.weights.items():
+                contribution.weights[name] = w.clamp(-1.0, 1.0)
     """
 
 
@@ -163,11 +182,14 @@ def finish(ctx: FLContext) -> None:
 
 @hookspec
 def rollback(ctx: FLContext) -> None:
-    """Undo what this plugin did for the event that just failed.
+    """Undo what this plugin did in the round that just failed.
 
-    Side: server. Fires, in reverse order, on every handler that already handled
-    the event in which another handler raised. The core restores ``ctx``'s round
-    state afterwards; a plugin restores what it keeps outside ``ctx`` (files).
+    Side: server. When anything fails during a round (a handler, a strategy hook, the
+    runtime), every plugin that handled any event of that round gets ``rollback`` once,
+    in reverse order of first handling, the one that raised included (Clara's per-event
+    rule is the special case of a round that failed in its first event). The core then
+    restores ``ctx``'s round state; a plugin restores what it keeps outside ``ctx``
+    (files). An error in ``rollback`` is logged and the others still run.
     """
 
 
@@ -175,11 +197,13 @@ def rollback(ctx: FLContext) -> None:
 def save_state(ctx: FLContext) -> Any:
     """Return what this plugin needs to continue a resumed run, or ``None``.
 
-    Side: server. Fires when a round is committed, after ``end_round``. The answer must
-    be JSON (dicts, lists, strings, numbers); it is written atomically with the round's
-    global model and handed back to ``resume`` by ``flcore run --resume`` and
-    ``flcore server --resume``. A plugin whose state is derived from the round alone
-    needs neither hook: a resumed run gives the same final weights as an uninterrupted one.
+    Side: server. Fires when a round is committed, after ``end_round``. The answer is
+    JSON (dicts, lists, strings, finite numbers) with ``torch.Tensor`` values anywhere in
+    it: the JSON travels in the checkpoint, the tensors in a safetensors file committed
+    with it, atomically with the round's global model. ``flcore run --resume`` and
+    ``flcore server --resume`` hand it back to ``resume`` (tensors as tensors). A plugin
+    whose state is derived from the round alone needs neither hook: a resumed run gives
+    the same final weights as an uninterrupted one.
     """
 
 
@@ -195,6 +219,63 @@ def resume(ctx: FLContext, state: Mapping[str, Any]) -> None:
 
 
 # -- the client side ----------------------------------------------------------------
+
+
+@hookspec
+def after_optimizer_step(ctx: FLContext, model: torch.nn.Module, optimizer: Any, step: int) -> None:
+    """The default local loop just took optimizer step ``step`` (1-based within the round).
+
+    Side: client. Act on the model after each step without replacing the loop: SCAFFOLD's
+    correction, clipping weights, a projection. Handlers run in chain order, each seeing
+    what the one before did::
+
+        @hookimpl
+        def after_optimizer_step(self, ctx, model):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-1.0, 1.0)
+    """
+
+
+@hookspec
+def local_loss_term(
+    ctx: FLContext,
+    model: torch.nn.Module,
+    inputs: Any,
+    targets: Any,
+    outputs: Any,
+    loss: torch.Tensor,
+) -> torch.Tensor | None:
+    """A term to add to the default loop's loss for this batch, or ``None``.
+
+    Side: client. ``loss`` is the task's loss of the batch; every handler's term is added
+    to it, in chain order, before ``backward``. FedProx's proximal term reads the round's
+    global model from ``ctx.global_model``::
+
+        @hookimpl
+        def local_loss_term(self, ctx, model):
+            return 0.5 * self.mu * sum(
+                (p - ctx.global_model[n]).pow(2).sum() for n, p in model.named_parameters()
+            )
+    """
+
+
+@hookspec
+def send_update(ctx: FLContext, weights: dict[str, torch.Tensor]) -> None:
+    """The client's update is about to leave: the client's update filter.
+
+    Side: client. ``weights`` maps every name of the model to a copy of the trained
+    tensor; a handler replaces entries (clip, add noise, mask, compress) and each later
+    handler in the chain sees what the earlier ones left. The result is what the
+    contribution carries; the client's own model keeps its trained weights. The round's
+    global model is ``ctx.global_model`` (for the update as a difference)::
+
+        @hookimpl
+        def send_update(self, ctx, weights):
+            for name, w in weights.items():
+                weights[name] = w + 0.01 * torch.randn_like(w)
+    """
+
 
 
 @hookspec
@@ -266,11 +347,58 @@ def aggregate(ctx: FLContext, contributions: Iterable[Contribution]) -> dict[str
 
 
 @hookspec(firstresult=True)
+def select_clients(ctx: FLContext, clients: Sequence[str]) -> Sequence[str] | None:
+    """Which of ``clients`` take part in round ``ctx.round`` (the round's cohort).
+
+    Side: server. ``clients`` are the federation's members, in client order. Return a
+    non-empty subset of them, without repeats; the round's global model goes to them alone
+    and only their contributions are accepted. The core answers ``[job] clients_per_round``
+    clients drawn uniformly without replacement, seeded by the job's seed and the round
+    (every client when it is unset), so every runtime trains the same cohort. The cohort
+    is listed in ``metrics.jsonl`` as ``cohort``; ``[job] min_clients`` counts within it.
+    """
+
+
+@hookspec(firstresult=True)
+def server_update(
+    ctx: FLContext, previous: Weights, aggregate: Weights
+) -> dict[str, torch.Tensor] | None:
+    """The round's new global model, from the previous one and the round's aggregate.
+
+    Side: server. Server optimizers live here (FedAdam, FedYogi, FedAvgM: the pseudo-
+    gradient is ``previous - aggregate``); keep their state in ``ctx.state`` or return it
+    from ``save_state`` (tensors allowed). The answer is checked like any aggregate: the
+    global model's names, shapes and dtypes. The core answers ``aggregate``::
+
+        @hookimpl
+        def server_update(self, ctx, previous, aggregate):
+            return {n: previous[n] + 1.5 * (aggregate[n] - previous[n]) for n in previous}
+    """
+
+
+@hookspec(firstresult=True)
+def local_optimizer(ctx: FLContext, model: torch.nn.Module) -> Any:
+    """The ``torch.optim.Optimizer`` the default local loop steps for this round.
+
+    Side: client. Called once per client and round, before training; a fresh optimizer
+    each time (keep state that must last across rounds in ``ctx.state``). The core answers
+    SGD over ``model.parameters()`` with ``[local] lr``, ``momentum`` and
+    ``weight_decay``::
+
+        @hookimpl
+        def local_optimizer(self, ctx, model):
+            return torch.optim.Adam(model.parameters(), lr=ctx.job.local.lr)
+    """
+
+
+@hookspec(firstresult=True)
 def local_train(ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, Any] | None:
     """Train ``model`` in place on the client's training split ``data`` (a Dataset).
 
     Side: client. Return ``{"num_samples": int, "local_iterations": int, "metrics":
-    {...}}``. The core answers a plain torch loop with the job's ``[local]`` settings.
+    {...}}``. The core answers a plain torch loop with the job's ``[local]`` settings,
+    whose optimizer, loss and steps plugins shape through ``local_optimizer``,
+    ``local_loss_term`` and ``after_optimizer_step`` without replacing it.
     """
 
 
@@ -308,4 +436,23 @@ def predict(
     ``probabilities``, uncertainty fields, and ``method`` (a line saying what answered). The
     core answers the plain model's softmax probabilities and their entropy; an uncertainty
     method (SWAG) answers with more fields.
+    """
+
+
+# -- the command line --------------------------------------------------------------
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to ``flcore``: ``cli.add_command(...)`` or ``@cli.command()``.
+
+    Side: command line. Called once when ``flcore`` starts, on every installed plugin that
+    implements it (no job, so no ``ctx``); a plugin that fails to load or raises here is
+    reported on stderr and the other commands still work::
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command()
+            def hello():
+                click.echo("hello")
     """
