@@ -8,13 +8,16 @@ plugins answer other requests through the ``client_request`` hook.
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from flcore import codec
-from flcore.context import FLContext
+from flcore.client_state import ClientStateStore
+from flcore.context import ClientContext
 from flcore.contribution import Contribution
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
@@ -24,12 +27,18 @@ from flcore.state import state_dict
 
 
 def client_name(index: int) -> str:
-    """The name of the client at ``index`` (0-based) in a simulated federation."""
+    """The default name of the client at ``index`` (0-based): ``client-<index>``."""
     return f"client-{index}"
 
 
 class Client:
-    """One federation member, with its own context, data split and model."""
+    """One federation member, with its own context, data split, model and per-client state.
+
+    ``state_dir`` is where the client keeps ``ctx.state`` between rounds on its own disk (a
+    simulation's ``RUN_DIR/clients/NAME``), so a run resumed after a crash continues with it;
+    ``state_root`` is a deployed client's ``--state-dir``, with one folder per server run
+    (the run's id comes with each training request). Neither keeps it in memory only.
+    """
 
     def __init__(
         self,
@@ -40,41 +49,77 @@ class Client:
         log: Any,
         model: Any = None,
         name: str | None = None,
+        state_dir: Path | None = None,
+        state_root: Path | None = None,
     ) -> None:
         self.index = index
-        self.name = name or client_name(index)  # a deployment's names may be its own
-        self.ctx = FLContext(
-            job=job,
-            task=task,
-            chain=chain,
-            log=log.bind(client=self.name),
-            side="client",
-            client_id=self.name,
-        )
+        self.name = name or job.client_names[index]
         data = task.client_data(index, job.job.clients)
         seed = derive_seed(job.job.seed, "split", self.name)
         self.train_data, self.val_data = split_validation(data, job.local.validation_split, seed)
         # Clients that run one after another may share one model instance: every request
         # loads the weights it needs first, so nothing of one client leaks to the next.
         self.model: torch.nn.Module = model if model is not None else task.model()
-        self.ctx.model = self.model
-        self.ctx.client = self
+        self.ctx = ClientContext(
+            job=job,
+            task=task,
+            chain=chain,
+            log=log.bind(client=self.name),
+            client_id=self.name,
+            model=self.model,
+            train_data=self.train_data,
+            val_data=self.val_data,
+            client=self,
+        )
         self.last_weights: dict[str, torch.Tensor] | None = None
         #: How requests are decoded; clients that share one loop share a :class:`RequestMemo`.
         self.decoder: RequestMemo | None = None
+        self.store = ClientStateStore(state_dir) if state_dir is not None else None
+        self.state_root = state_root
+        #: The round ``ctx.state`` was last advanced in, and the state as that round found
+        #: it: a retried round starts again from there.
+        self.state_round = 0
+        self.state_before: dict[str, Any] = {}
+        self.state_loaded = False
+        self.state_saved = False
 
     def handle(self, request: str, payload: codec.Payload) -> codec.Payload:
         """Answer one request from the server; the reply is a codec payload."""
-        if request == "train":
-            return self.train(payload)
-        if request == "validate":
-            return self.validate(payload)
-        if request == "best_model":
-            return self.best_model()
-        answer = self.ctx.ask("client_request", request=request, payload=payload)
-        if answer is None:
-            raise CodecError(f"{self.name}: no plugin answers request {request!r}")
-        return bytes(answer)
+        try:
+            if request == "train":
+                return self.train(payload)
+            if request == "validate":
+                return self.validate(payload)
+            if request == "best_model":
+                return self.best_model()
+            answer = self.ctx.ask("client_request", request=request, payload=payload)
+            if answer is None:
+                raise CodecError(f"{self.name}: no plugin answers request {request!r}")
+            self.keep_state()
+            return bytes(answer)
+        finally:
+            self.ctx.global_model = {}  # views of the request's payload: not kept past it
+
+    def begin_state_round(self, round_: int) -> None:
+        """Bring ``ctx.state`` to the start of round ``round_``: read it from disk once (a
+        resumed run), and start a retried round from the state the first try found."""
+        ctx = self.ctx
+        if not self.state_loaded:
+            self.state_loaded = True
+            if self.store is not None:
+                saved = self.store.load(before_round=round_)
+                if saved is not None:
+                    ctx.state = dict(saved)
+        if round_ > self.state_round:
+            self.state_round, self.state_before = round_, copy.deepcopy(ctx.state)
+        elif round_ == self.state_round:
+            ctx.state = copy.deepcopy(self.state_before)
+
+    def keep_state(self) -> None:
+        """Write ``ctx.state`` for the round just answered (nothing while it is empty)."""
+        if self.store is not None and (self.ctx.state or self.state_saved):
+            self.store.save(self.ctx.round, self.ctx.state)
+            self.state_saved = True
 
     def receive(self, payload: codec.Payload, what: str) -> dict[str, torch.Tensor]:
         """Decode a model sent by the server, load it into ``self.model``, set the round, and
@@ -94,7 +139,10 @@ class Client:
         if not isinstance(round_, int):
             raise CodecError(f"{where}: no round number")
         self.ctx.round = round_
+        if self.state_root is not None and self.store is None:
+            self.store = ClientStateStore(self.state_root / _run_folder(meta.get("run"), where))
         self.load(weights, what, flat)
+        self.ctx.global_model = weights
 
     def load(
         self, weights: dict[str, torch.Tensor], what: str, flat: codec.Flat | None = None
@@ -126,13 +174,18 @@ class Client:
     def train(self, payload: codec.Payload) -> codec.Payload:
         ctx = self.ctx
         self.take(payload, "global model")
+        self.begin_state_round(ctx.round)
         if ctx.handles("receive_model"):  # the state dict is built for a handler only
             ctx.fire("receive_model", weights=state_dict(self.model))
         initial = ctx.ask("evaluate", model=self.model, data=self.val_data) or {}
         result = ctx.ask("local_train", model=self.model, data=self.train_data)
         wire = flat_model(self.model)
         flat = None
-        if wire is not None and wire.intact(state_dict(self.model, keep_vars=True)):
+        if ctx.handles("send_update"):  # the update filter works on copies, never the model
+            local = {k: v.detach().clone() for k, v in state_dict(self.model).items()}
+            ctx.fire("send_update", weights=local)
+            _check_update(local, state_dict(self.model), self.name)
+        elif wire is not None and wire.intact(state_dict(self.model, keep_vars=True)):
             local, flat = wire.weights, wire.flat  # sent as the buffer, in one copy
         else:
             local = state_dict(self.model)
@@ -142,6 +195,7 @@ class Client:
         metrics = dict(result.get("metrics", {}))
         metrics["initial_validation_metric"] = primary_metric(initial)
         metrics["initial_validation"] = initial
+        self.keep_state()
         return Contribution(
             client_id=self.name,
             round=ctx.round,
@@ -177,6 +231,35 @@ class Client:
         weights = self.last_weights if self.last_weights is not None else state_dict(self.model)
         self.ctx.fire("send_best_model", weights=weights)
         return codec.encode(weights, {"kind": "best_model", "client_id": self.name})
+
+
+def _run_folder(run: Any, where: str) -> str:
+    """The server's run id as a folder name; anything that could leave the folder is refused."""
+    if (
+        not isinstance(run, str)
+        or not 0 < len(run) <= 200
+        or run in {".", ".."}
+        or not all(c.isalnum() or c in "-_." for c in run)
+    ):
+        raise CodecError(f"{where}: no usable run id ({run!r:.60}) to keep this client's state by")
+    return run
+
+
+def _check_update(update: dict[str, Any], model: dict[str, torch.Tensor], who: str) -> None:
+    """What ``send_update`` left must still be the model's tensors (names, shapes, dtypes)."""
+    if set(update) != set(model):
+        raise CodecError(f"{who}: send_update left tensors {sorted(set(update) ^ set(model))[:5]}")
+    for name, tensor in model.items():
+        got = update[name]
+        if (
+            not isinstance(got, torch.Tensor)
+            or got.shape != tensor.shape
+            or got.dtype != tensor.dtype
+        ):
+            raise CodecError(
+                f"{who}: send_update made {name!r} {getattr(got, 'dtype', type(got).__name__)} "
+                f"{tuple(getattr(got, 'shape', ()))}, the model's is {tensor.dtype} {tuple(tensor.shape)}"
+            )
 
 
 #: What :func:`flcore.codec.decode_flat` returns: weights, metadata and their Flat.

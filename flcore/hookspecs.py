@@ -28,14 +28,13 @@ error when the plugin loads.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from flcore.markers import hookspec
 
 if TYPE_CHECKING:
-    import torch
-
     import click
+    import torch
 
     from flcore.context import ClientContext, ServerContext
     from flcore.contribution import Contribution
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from flcore.trainer import ModelTrainer
 
     Weights = Mapping[str, torch.Tensor]
-    FLContext = ServerContext | ClientContext
+    FLContext: TypeAlias = ServerContext | ClientContext
 
 
 # -- lifecycle (server) -------------------------------------------------------------
@@ -277,7 +276,6 @@ def send_update(ctx: FLContext, weights: dict[str, torch.Tensor]) -> None:
     """
 
 
-
 @hookspec
 def receive_model(ctx: FLContext, weights: Weights) -> None:
     """The client received the global model for a training round.
@@ -322,8 +320,9 @@ def send_best_model(ctx: FLContext, weights: Weights) -> None:
 def get_trainer_class(ctx: FLContext) -> type[ModelTrainer] | None:
     """Which :class:`~flcore.trainer.ModelTrainer` subclass runs this training.
 
-    Side: server. The core answers ``ModelTrainer``; the swag plugin answers
-    ``SWAGModelTrainer``.
+    Side: server. Asked once per run, before any training; one instance of the class
+    runs the whole training. The core answers ``ModelTrainer``; the swag plugin answers
+    ``SWAGModelTrainer``. Two plugins in a chain that both answer are an error naming both.
     """
 
 

@@ -83,6 +83,17 @@ class Job:
             raise JobError(
                 f"{source}: [job].min_clients ({job.min_clients}) is above clients ({job.clients})"
             )
+        if job.clients_per_round is not None:
+            if job.clients_per_round > job.clients:
+                raise JobError(
+                    f"{source}: [job].clients_per_round ({job.clients_per_round}) is above "
+                    f"clients ({job.clients})"
+                )
+            if job.min_clients is not None and job.min_clients > job.clients_per_round:
+                raise JobError(
+                    f"{source}: [job].min_clients ({job.min_clients}) is above "
+                    f"clients_per_round ({job.clients_per_round}): no round could pass"
+                )
         if job.allowed_clients is not None:
             names = job.allowed_clients
             if len(names) != job.clients or len(set(names)) != len(names):
@@ -108,6 +119,14 @@ class Job:
             raw=data,
             warnings=tuple(warnings),
         )
+
+    @property
+    def client_names(self) -> tuple[str, ...]:
+        """The federation's client names in data order: ``[job] allowed_clients``, else
+        ``client-0`` ... ``client-N-1``; the same in a simulation and a deployment."""
+        if self.job.allowed_clients is not None:
+            return tuple(self.job.allowed_clients)
+        return tuple(f"client-{i}" for i in range(self.job.clients))
 
     def where(self, section: str) -> str:
         """How an error message names a section of this job."""

@@ -23,6 +23,10 @@ class JobSettings:
     name: str = "flcore-job"
     rounds: int = attrs.field(default=1, validator=_at_least(1))
     clients: int = attrs.field(default=1, validator=_at_least(1))
+    #: Clients sampled for each round (the cohort): seeded, uniform, without replacement;
+    #: unset, every client takes part in every round.
+    clients_per_round: int | None = attrs.field(default=None, validator=_at_least(1))
+    #: Accepted contributions a round needs, counted within its cohort (default: all of it).
     min_clients: int | None = attrs.field(default=None, validator=_at_least(1))
     seed: int = 0
     runtime: str = "embedded"
@@ -54,10 +58,12 @@ class JobSettings:
     #: Deployment: the largest model or reply either side accepts, in MiB.
     max_message_mb: int = attrs.field(default=4096, validator=_at_least(1))
 
-    @property
-    def required_clients(self) -> int:
-        """How many accepted contributions a round needs (default: every client)."""
-        return self.clients if self.min_clients is None else self.min_clients
+    def required_clients(self, cohort: int | None = None) -> int:
+        """How many accepted contributions a round with ``cohort`` clients needs (default:
+        the whole cohort; a cohort defaults to ``clients_per_round``, else every client)."""
+        if cohort is None:
+            cohort = self.clients_per_round or self.clients
+        return cohort if self.min_clients is None else self.min_clients
 
 
 @attrs.frozen

@@ -21,7 +21,7 @@ import torch
 
 from flcore import codec
 from flcore.chain import Chain
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.errors import FLCoreError
 from flcore.job import Job
 from flcore.logging import make_logger
@@ -41,7 +41,7 @@ class LoadedRun:
 
     run_dir: Path
     job: Job
-    ctx: FLContext
+    ctx: ServerContext
     model: torch.nn.Module
 
 
@@ -63,8 +63,13 @@ def load_run(run_dir: str | Path, log: Any = None) -> LoadedRun:
             f"{run_dir / GLOBAL_MODEL}: does not fit the task's model: {err}"
         ) from err
     model.eval()
-    ctx = FLContext(
-        job=job, task=task, chain=chain, log=log or make_logger(None), run_dir=run_dir.resolve()
+    ctx = ServerContext(
+        job=job,
+        task=task,
+        chain=chain,
+        log=log or make_logger(None),
+        run_dir=run_dir.resolve(),
+        clients=job.client_names,
     )
     return LoadedRun(run_dir, job, ctx, model)
 

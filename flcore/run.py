@@ -114,7 +114,6 @@ def run_job(
         if not resume:
             (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
         training.run_dir = run_dir
-        training.id = str(run_dir)
         training.ctx.run_dir = run_dir
         training.ctx.log = log.bind(job=job.job.name)
         training.ctx.console = console

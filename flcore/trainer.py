@@ -2,14 +2,20 @@
 
 ``start`` -> ``start_round`` -> clients work -> ``TrainingRoundFinished`` is dispatched and
 processed (``process_trainer_task``) -> ``handle`` aggregates and fires the chain's events
--> ``test_round`` / ``ModelTestFinished`` -> the next round or ``finish``. Events are queued,
-never called recursively, so a thousand rounds need no deeper stack than one.
+-> ``test_round`` / ``ModelTestFinished`` -> the next round or ``finish``. One trainer runs a
+whole training and owns its round's state; events hold the trainer, and are queued, never
+called recursively, so a thousand rounds need no deeper stack than one.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
 
 from flcore import codec
 from flcore.aggregation import OrderedFold, WeightedMean
@@ -18,7 +24,9 @@ from flcore.errors import CodecError, ContributionRefused, FLCoreError, RoundFai
 from flcore.options import TrainerOptions
 
 if TYPE_CHECKING:
-    from flcore.context import FLContext
+    import torch
+
+    from flcore.context import ServerContext
     from flcore.runtime.base import Runtime
     from flcore.training import Training
 
@@ -35,7 +43,6 @@ class ModelTrainerEvent:
 
     def __init__(self, trainer: ModelTrainer) -> None:
         self.trainer = trainer
-        self.training = trainer.training
         self.ctx = trainer.ctx
 
     def handle(self) -> None:
@@ -80,36 +87,50 @@ def resolve_event(event_cls: type[ModelTrainerEvent] | str) -> type[ModelTrainer
     return event_cls
 
 
-def process_trainer_task(training_id: str, event_cls: type[ModelTrainerEvent] | str) -> None:
-    """Process one dispatched trainer event of the training ``training_id``.
+def process_trainer_task(trainer: ModelTrainer, event_cls: type[ModelTrainerEvent] | str) -> None:
+    """Process one dispatched trainer event of ``trainer``'s training (the DLR name).
 
-    Both arguments are plain values (the event may be given by its registered name), so a
-    worker that can open the training by id can run this as well as the embedded loop.
+    The event may be given by its registered name, so a queue that carries plain values can
+    dispatch it as well as the embedded loop.
     """
-    from flcore.training import Training
-
-    training = Training.get(training_id)
-    trainer = ModelTrainer(training, training.options)
     trainer.handle_cls(resolve_event(event_cls))
 
 
-class ModelTrainer:
-    """Runs one training. ``ModelTrainer(training)`` returns an instance of the class the
-    chain's ``get_trainer_class`` picks, so plugins (SWAG) bring their own trainer."""
+@attrs.frozen
+class RoundSnapshot:
+    """The round state taken at a round's start; restoring it is what a rollback restores.
 
-    def __new__(cls, training: Training, options: TrainerOptions | None = None) -> ModelTrainer:
-        chosen = training.ctx.ask("get_trainer_class") or ModelTrainer
-        if not (isinstance(chosen, type) and issubclass(chosen, ModelTrainer)):
-            raise FLCoreError(f"get_trainer_class answered {chosen!r}, not a ModelTrainer class")
-        return super().__new__(chosen)
+    With a run directory the global model is held by reference, not copied (a copy per
+    round is memory the server need not spend): the trainer replaces the global model, it
+    never edits it. Should a plugin have edited it in place anyway (its version counter
+    moved), the model is read back from the last committed ``global_model.safetensors``,
+    which is the round's starting model.
+    """
+
+    round: int
+    global_model: Mapping[str, torch.Tensor]
+    state: dict[str, Any]
+    metrics: dict[str, Any]
+    versions: Mapping[str, int] | None = None
+
+
+class ModelTrainer:
+    """Runs one training: one instance per run, made by :class:`flcore.training.Training`
+    from the class the chain's ``get_trainer_class`` answers (SWAG brings its own)."""
 
     def __init__(self, training: Training, options: TrainerOptions | None = None) -> None:
         self.training = training
         self.options = options or training.options
-        self.ctx: FLContext = training.ctx
+        self.ctx: ServerContext = training.ctx
+        #: Dispatched events, processed in order by the training's loop.
+        self.queue: deque[type[ModelTrainerEvent] | str] = deque()
         #: The layout this round's global model was sent in (contributions are checked
         #: against it, :func:`flcore.contribution.validate`).
         self.sent: codec.Layout | None = None
+        #: The round's streaming FedAvg, folded while contributions arrive (None: batch).
+        self.round_mean: WeightedMean | None = None
+        self.round_started = 0.0
+        self.snapshot: RoundSnapshot | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -128,36 +149,64 @@ class ModelTrainer:
     def handle_cls(self, event_cls: type[ModelTrainerEvent]) -> None:
         self.handle(event_cls(self))
 
-    def dispatch(self, event_cls: type[ModelTrainerEvent]) -> None:
-        self.training.dispatch(event_cls)
+    def dispatch(self, event_cls: type[ModelTrainerEvent] | str) -> None:
+        self.queue.append(event_cls)
 
-    def start_round(self) -> None:
-        """Snapshot the round state, send the global model, collect the contributions."""
+    def begin_round(self) -> None:
+        """What every round does first (a trainer's own rounds too): clear the round's
+        metrics, take the snapshot a failure restores, count the round."""
         ctx = self.ctx
         ctx.metrics = {}
         ctx.contributions = []
         ctx.client_tests = {}  # this round's tests only
-        ctx.take_snapshot()
+        self.take_snapshot()
+        ctx._chain.begin_round()
         ctx.round += 1
-        self.training.round_started = time.perf_counter()
+        self.round_started = time.perf_counter()
+
+    def start_round(self) -> None:
+        """Snapshot the round state, pick the cohort, send it the global model, collect the
+        contributions."""
+        ctx = self.ctx
+        self.begin_round()
+        ctx.cohort = tuple(self.select_cohort())
+        ctx.metrics["cohort"] = list(ctx.cohort)
         ctx.fire("start_round")
         ctx.fire("send_global_model", weights=ctx.global_model)
         self.train_clients()
         self.dispatch(TrainingRoundFinished)
 
+    def select_cohort(self) -> list[str]:
+        """The chain's ``select_clients`` answer, checked, in client order."""
+        ctx = self.ctx
+        members = list(ctx.clients)
+        answer = ctx.ask("select_clients", clients=members)
+        if isinstance(answer, str) or not isinstance(answer, Sequence | set | frozenset):
+            raise RoundFailed(f"round {ctx.round}: select_clients answered {answer!r}, not names")
+        chosen = list(answer)
+        unknown = [c for c in chosen if c not in set(members)]
+        if not chosen or unknown or len(set(chosen)) != len(chosen):
+            raise RoundFailed(
+                f"round {ctx.round}: select_clients must answer distinct names of the "
+                f"federation's clients, got {chosen[:10]!r}"
+                + (f" (unknown: {unknown[:5]})" if unknown else "")
+            )
+        picked = set(chosen)
+        return [c for c in members if c in picked]
+
     def streams(self) -> bool:
         """FedAvg folds contributions in as they arrive unless a plugin answers ``aggregate``
         (then it gets every contribution, weights included)."""
-        return all(n.startswith("core.") for n, _ in self.ctx.chain.implementations("aggregate"))
+        return all(n.startswith("core.") for n, _ in self.ctx._chain.implementations("aggregate"))
 
     def train_clients(self) -> None:
-        """Run the clients' local training; keep the contributions that pass validation.
+        """Run the cohort's local training; keep the contributions that pass validation.
 
         A client's first reply in a round is the one that counts: accepted or refused, a
         later one is refused as a duplicate.
         """
         ctx = self.ctx
-        clients = self.training.clients
+        clients = list(ctx.cohort)
         keep = not self.options.delete_local_models_after_aggregation
         fold = OrderedFold(
             clients,
@@ -169,7 +218,8 @@ class ModelTrainer:
         known = set(clients)
         settled: set[str] = set()
         refused: list[str] = []
-        payload = codec.encode(ctx.global_model, {"kind": "global_model", "round": ctx.round})
+        meta = {"kind": "global_model", "round": ctx.round, "run": self.training.run_id}
+        payload = codec.encode(ctx.global_model, meta)
         self.sent = codec.layout_of(ctx.global_model)
         replies = self.runtime.run(ctx, "train", payload, clients)
         del payload  # the runtime holds it only as long as it needs it
@@ -193,13 +243,14 @@ class ModelTrainer:
                 del contribution
             del result  # a reply is the size of the model: never hold two
         ctx.contributions = fold.finish()
-        self.training.round_mean = fold.mean
+        self.round_mean = fold.mean
         ctx.metrics["clients"] = [c.client_id for c in ctx.contributions]
         if refused:
             ctx.metrics["refused"] = refused
 
     def accept(self, result: Any, received: set[str]) -> Contribution:
-        """Decode and validate one reply; ask the chain's ``receive_contribution``."""
+        """Decode and validate one reply; ask the chain's ``receive_contribution``, whose
+        handlers may replace weights (checked again) or refuse it."""
         if result.payload is None:
             raise ContributionRefused(f"{result.client_id}: client failed: {result.error}")
         contribution = Contribution.decode(result.payload, sender=result.client_id)
@@ -207,32 +258,46 @@ class ModelTrainer:
             raise ContributionRefused(
                 f"{result.client_id}: claims to be {contribution.client_id!r}"
             )
+        cohort = frozenset(self.ctx.cohort)
+        reference, round_ = self.ctx.global_model, self.ctx.round
         validate(
             contribution,
-            reference=self.ctx.global_model,
-            round=self.ctx.round,
-            clients=frozenset(self.training.clients),
+            reference=reference,
+            round=round_,
+            clients=cohort,
             received=received,
             sent=self.sent,
         )
+        if not self.ctx.handles("receive_contribution"):
+            return contribution
+        before = dict(contribution.weights)
         for plugin, answer in self.ctx.fire("receive_contribution", contribution=contribution):
             if answer is False or isinstance(answer, str):
                 reason = answer if isinstance(answer, str) else "refused"
                 raise ContributionRefused(f"{contribution.client_id}: {plugin}: {reason}")
+        if any(contribution.weights.get(k) is not v for k, v in before.items()) or set(
+            contribution.weights
+        ) != set(before):
+            try:  # a filter replaced tensors: what it left must still fit the global model
+                validate(
+                    contribution, reference=reference, round=round_, clients=cohort, received=set()
+                )
+            except ContributionRefused as err:
+                raise ContributionRefused(f"after receive_contribution: {err}") from None
         return contribution
 
     def aggregate(self) -> None:
-        """Aggregate the accepted contributions into the new global model."""
+        """Aggregate the accepted contributions, then apply the server update."""
         ctx = self.ctx
-        needed = ctx.job.job.required_clients
+        needed = ctx.job.job.required_clients(len(ctx.cohort))
         if len(ctx.contributions) < needed:
             raise RoundFailed(
-                f"round {ctx.round}: {len(ctx.contributions)} of {len(self.training.clients)} "
+                f"round {ctx.round}: {len(ctx.contributions)} of {len(ctx.cohort)} "
                 f"contributions accepted, {needed} needed ([job] min_clients); "
                 f"refused: {ctx.metrics.get('refused', [])}"
             )
         ctx.fire("before_aggregation")
-        mean, self.training.round_mean = self.training.round_mean, None
+        mean, self.round_mean = self.round_mean, None
         if mean is not None:
             new = mean.result()  # FedAvg, folded while the contributions arrived
         else:
@@ -242,7 +307,11 @@ class ModelTrainer:
         problems = _mismatches(new, ctx.global_model)
         if problems:
             raise RoundFailed(f"round {ctx.round}: aggregate returned a bad model: {problems}")
-        ctx.global_model = dict(new)
+        updated = ctx.ask("server_update", previous=ctx.global_model, aggregate=new)
+        problems = _mismatches(updated, ctx.global_model)
+        if problems:
+            raise RoundFailed(f"round {ctx.round}: server_update returned a bad model: {problems}")
+        ctx.global_model = dict(updated)
         ctx.fire("after_aggregation")
         if self.options.delete_local_models_after_aggregation:
             ctx.contributions = [c.evolve_without_weights() for c in ctx.contributions]
@@ -253,10 +322,10 @@ class ModelTrainer:
         return self.options.model_test_after_each_round or self.ctx.is_last_round
 
     def test_round(self) -> None:
-        """Ask the clients to test the new global model (DLR ``test_round``)."""
+        """Ask the round's cohort to test the new global model (DLR ``test_round``)."""
         ctx = self.ctx
         ctx.fire("test_round")
-        ctx.client_tests = self.training.validate_on_clients(ctx.global_model)
+        ctx.client_tests = self.training.validate_on_clients(ctx.global_model, ctx.cohort)
         self.dispatch(ModelTestFinished)
 
     def collect_test_results(self) -> None:
@@ -277,19 +346,24 @@ class ModelTrainer:
         """Fire ``end_round``, commit the round, then go on or finish."""
         ctx = self.ctx
         ctx.metrics["round"] = ctx.round
-        ctx.metrics["seconds"] = round(time.perf_counter() - self.training.round_started, 4)
+        ctx.metrics["seconds"] = round(time.perf_counter() - self.round_started, 4)
         ctx.fire("end_round")
-        self.training.commit_round()
+        self.commit_round()
         if ctx.is_last_round:
             self.finish()
         else:
             self.start_round()
 
+    def commit_round(self) -> None:
+        """The round is done and is never rolled back: the training writes it."""
+        self.snapshot = None
+        self.training.commit_round()
+
     def finish(self) -> None:
         """The last round is committed: collect the clients' best models if they are kept."""
         ctx = self.ctx
         if not self.options.delete_local_models_after_aggregation:
-            for result in self.runtime.run(ctx, "best_model", b"", self.training.clients):
+            for result in self.runtime.run(ctx, "best_model", b"", ctx.clients):
                 if result.payload is None:
                     ctx.log.warning(
                         "best_model_missing", client=result.client_id, reason=result.error
@@ -303,6 +377,45 @@ class ModelTrainer:
                 self.training.save_local_model(None, result.client_id, weights)
         ctx.fire("finish")
         self.training.finished = True
+
+    # -- the round's snapshot -----------------------------------------------------------
+
+    def take_snapshot(self) -> RoundSnapshot:
+        """Remember the round state (see :class:`RoundSnapshot` for how the model is kept)."""
+        ctx = self.ctx
+        by_reference = ctx.run_dir is not None
+        self.snapshot = RoundSnapshot(
+            round=ctx.round,
+            global_model=dict(ctx.global_model)
+            if by_reference
+            else {k: v.clone() for k, v in ctx.global_model.items()},
+            state=copy.deepcopy(ctx.state),
+            metrics=copy.deepcopy(ctx.metrics),
+            versions={k: v._version for k, v in ctx.global_model.items()} if by_reference else None,
+        )
+        return self.snapshot
+
+    def restore_snapshot(self) -> None:
+        """Put the round state back as it was at the round's start; forget queued events."""
+        self.queue.clear()
+        self.round_mean = None
+        snap = self.snapshot
+        if snap is None:
+            return
+        ctx = self.ctx
+        ctx.round = snap.round
+        ctx.global_model = self._snapshot_model(snap)
+        ctx.state = copy.deepcopy(snap.state)
+        ctx.metrics = copy.deepcopy(snap.metrics)
+        ctx.contributions = []
+        ctx.client_tests = {}
+
+    def _snapshot_model(self, snap: RoundSnapshot) -> dict[str, torch.Tensor]:
+        if snap.versions is None:
+            return {k: v.clone() for k, v in snap.global_model.items()}
+        if all(v._version == snap.versions[k] for k, v in snap.global_model.items()):
+            return dict(snap.global_model)
+        return self.training.reload_committed_model(snap.round)
 
 
 def _mismatches(new: Any, reference: Any) -> str:

@@ -1,28 +1,36 @@
-"""One training run: its context, runtime, run directory, event queue and error policy."""
+"""One training run: its context, runtime, run directory, error policy and checkpoints.
+
+The round's state machine is :class:`flcore.trainer.ModelTrainer`, whose class the chain
+answers (``get_trainer_class``). This module uses the trainer; the trainer knows this one
+only as a type, so the loop's two modules do not import each other.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from flcore import codec
 from flcore.chain import Chain
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.data import seed_torch
 from flcore.durable import DurableWriter
 from flcore.errors import CodecError, FLCoreError, HandlerFailed, JobError, RoundFailed
 from flcore.job import Job
+from flcore.runtime.base import ClientResult
 from flcore.task import Task
+from flcore.trainer import ModelTrainer, process_trainer_task
 
 GLOBAL_MODEL = "global_model.safetensors"
 CHECKPOINT = "checkpoint.json"
 METRICS = "metrics.jsonl"
+#: Where the tensors of the plugins' saved state go, one file per committed round.
+STATE_DIR = "plugin_state"
 
 
 class RunFailed(FLCoreError):
@@ -30,38 +38,41 @@ class RunFailed(FLCoreError):
 
 
 class Training:
-    """Everything one run needs; :func:`flcore.trainer.process_trainer_task` finds it by id."""
-
-    registry: ClassVar[dict[str, Training]] = {}
+    """Everything one run needs; one :class:`~flcore.trainer.ModelTrainer` runs its rounds."""
 
     def __init__(self, job: Job, chain: Chain, task: Task, run_dir: Path | None, log: Any) -> None:
-        self.id = str(run_dir) if run_dir is not None else uuid.uuid4().hex
         self.job = job
+        self.chain = chain
         self.options = job.trainer
         self.run_dir = run_dir
-        self.ctx = FLContext(
-            job=job, task=task, chain=chain, log=log, run_dir=run_dir, training=self
+        self.ctx = ServerContext(
+            job=job,
+            task=task,
+            chain=chain,
+            log=log,
+            run_dir=run_dir,
+            training=self,
+            clients=job.client_names,
         )
-        self.queue: deque[Any] = deque()
-        self.clients: list[str] = []
-        self.round_started = 0.0
         self.completed_round = 0
         self.finished = False
         self.history: list[dict[str, Any]] = []
         self.runtime: Any = None
+        self.trainer: ModelTrainer | None = None
         self.writer = DurableWriter()
-        #: The round's streaming FedAvg, folded while contributions arrive (None: batch).
-        self.round_mean: Any = None
+        #: Failed attempts of the round in progress (reset when a round commits).
+        self.attempts = 0
 
-    @classmethod
-    def get(cls, training_id: str) -> Training:
-        try:
-            return cls.registry[training_id]
-        except KeyError:
-            raise FLCoreError(f"no training {training_id!r} in this process") from None
+    @property
+    def run_id(self) -> str:
+        """The run's name, sent with each training request: a deployed client keeps its
+        state in a folder of that name, so a resumed run finds it and a new run does not."""
+        return self.run_dir.name if self.run_dir is not None else "memory"
 
-    def dispatch(self, event_cls: Any) -> None:
-        self.queue.append(event_cls)
+    @property
+    def clients(self) -> list[str]:
+        """The federation's members, in client order."""
+        return list(self.ctx.clients)
 
     # -- the run ----------------------------------------------------------------------
 
@@ -79,6 +90,21 @@ class Training:
                 f"{self.job.where('job')}.runtime: no plugin provides runtime "
                 f"{self.job.job.runtime!r} (the core provides 'embedded')"
             )
+        self.trainer_class()
+
+    def trainer_class(self) -> type[ModelTrainer]:
+        """The class ``get_trainer_class`` answers; two plugins answering is an error."""
+        answers = [(n, a) for n, a in self.ctx._chain.answers("get_trainer_class", self.ctx)]
+        mine = [(n, a) for n, a in answers if not n.startswith("core.")]
+        if len(mine) > 1:
+            raise JobError(
+                f"{self.job.where('plugins')}.chain: plugins {mine[0][0]!r} and {mine[1][0]!r} "
+                "both answer get_trainer_class; a training has one trainer, so chain only one"
+            )
+        chosen = (mine or answers or [("", None)])[0][1]
+        if not (isinstance(chosen, type) and issubclass(chosen, ModelTrainer)):
+            raise JobError(f"get_trainer_class answered {chosen!r}, not a ModelTrainer class")
+        return chosen
 
     def initial_model(self) -> dict[str, torch.Tensor]:
         seed_torch(self.job.job.seed)
@@ -90,11 +116,9 @@ class Training:
 
         With ``resume`` the run continues its run directory from the last committed round
         (see :meth:`load_checkpoint`) instead of starting from the initial model.
+        ``shutdown`` fires whenever ``startup`` was fired, also after one that failed.
         """
-        from flcore.trainer import ModelTrainer, process_trainer_task
-
         ctx = self.ctx
-        self.registry[self.id] = self
         started = False
         try:
             saved_state = self.load_checkpoint() if resume else None
@@ -108,11 +132,12 @@ class Training:
                     )
             if self.runtime is None:
                 self.check()
-            self._guard(lambda: ctx.fire("startup"), "startup")
+            trainer = self.trainer = self.trainer_class()(self, self.options)
             started = True
+            self._guard(lambda: ctx.fire("startup"), "startup")
             if saved_state is not None:
                 ctx.log.info("run_resumed", round=self.completed_round)
-                resumable = {name for name, _ in ctx.chain.implementations("resume")}
+                resumable = {name for name, _ in ctx._chain.implementations("resume")}
                 stateless = [n for n in self.job.chain if n not in resumable]
                 if stateless:
                     ctx.log.warning(
@@ -122,45 +147,53 @@ class Training:
                         "from earlier rounds starts over",
                     )
                 self._guard(lambda: ctx.fire("resume", state=saved_state), "startup")
-            self.clients = self.runtime.start(ctx)
-            for client in self.clients:
+            ctx.clients = tuple(self.runtime.start(ctx))
+            for client in ctx.clients:
                 self._guard(lambda c=client: ctx.fire("client_register", client_id=c), "startup")
-            trainer = ModelTrainer(self, self.options)
             self._guard(trainer.start, "round")
-            while self.queue:
-                event = self.queue.popleft()
-                self._guard(lambda e=event: process_trainer_task(self.id, e), "round")
+            while trainer.queue:
+                event = trainer.queue.popleft()
+                self._guard(lambda e=event: process_trainer_task(trainer, e), "round")
         finally:
-            self.queue.clear()
+            if self.trainer is not None:
+                self.trainer.queue.clear()
             try:
                 if started:
-                    for client in self.runtime.present(self.clients):
+                    present = self.runtime.present(ctx.clients) if ctx.clients else []
+                    for client in present:
                         self._quietly(lambda c=client: ctx.fire("client_quit", client_id=c))
                     self._quietly(lambda: ctx.fire("shutdown"))
             finally:
                 if self.runtime is not None:
                     self.runtime.stop(ctx)
-                self.registry.pop(self.id, None)
                 self.writer.close()  # the last round's files are on disk when run() returns
 
-    def _guard(self, step: Any, stage: str, retries: int = 0) -> None:
+    def _guard(self, step: Any, stage: str) -> None:
+        """Run ``step``; when it fails in a round, roll the round back and follow the policy:
+        stop, or try the round again up to ``[job] max_retries`` times in all."""
         try:
             step()
-        except RoundFailed as err:
-            ctx = self.ctx
-            failed_round = ctx.round
-            self.queue.clear()
-            if stage == "round":
-                ctx.restore_snapshot()
-            ctx.log.error("round_failed", round=failed_round, error=str(err))
-            policy = self.job.job
-            if stage == "round" and policy.on_error == "retry" and retries < policy.max_retries:
-                from flcore.trainer import ModelTrainer
+        except Exception as err:
+            if stage != "round" and not isinstance(err, RoundFailed):
+                raise
+            failure = err if isinstance(err, RoundFailed) else _unexpected(err)
+            self._fail_round(failure)
 
-                ctx.log.warning("round_retry", round=failed_round, attempt=retries + 1)
-                self._guard(ModelTrainer(self, self.options).start_round, stage, retries + 1)
-                return
-            raise RunFailed(self.failure_message(err, failed_round)) from err
+    def _fail_round(self, err: RoundFailed) -> None:
+        ctx = self.ctx
+        failed_round = ctx.round
+        if self.trainer is not None and self.trainer.snapshot is not None:
+            ctx._chain.roll_back_round(ctx)
+            self.trainer.restore_snapshot()
+        self.attempts += 1
+        ctx.log.error("round_failed", round=failed_round, attempt=self.attempts, error=str(err))
+        policy = self.job.job
+        if policy.on_error == "retry" and self.attempts <= policy.max_retries:
+            ctx.log.warning("round_retry", round=failed_round, attempt=self.attempts + 1)
+            assert self.trainer is not None  # a round failed, so the trainer ran it
+            self._guard(self.trainer.start_round, "round")
+            return
+        raise RunFailed(self.failure_message(err, failed_round)) from err
 
     def _quietly(self, step: Any) -> None:
         try:
@@ -179,19 +212,35 @@ class Training:
         action = (
             "rolled back and the run stopped"
             if self.job.job.on_error == "abort"
-            else (f"rolled back and retried {self.job.job.max_retries} time(s) without success")
+            else (
+                f"rolled back and tried {self.attempts} time(s) in all "
+                f"([job] max_retries = {self.job.job.max_retries}) without success"
+            )
         )
         return f"Round {failed_round} failed: {err}. The round was {action}. {kept}"
 
-    def validate_on_clients(self, weights: Any) -> dict[str, dict[str, float]]:
-        """Have every client test ``weights`` on its held-out split: client id -> metrics,
+    def send_to_clients(
+        self, request: str, payload: bytes | bytearray, clients: Sequence[str] | None = None
+    ) -> Iterator[ClientResult]:
+        """Send ``request`` to ``clients`` (default: the round's cohort, else every member)."""
+        ctx = self.ctx
+        chosen = list(clients) if clients is not None else list(ctx.cohort or ctx.clients)
+        unknown = sorted(set(chosen) - set(ctx.clients))
+        if unknown:
+            raise FLCoreError(f"{request!r} sent to clients not in the federation: {unknown[:5]}")
+        return self.runtime.run(ctx, request, payload, chosen)
+
+    def validate_on_clients(
+        self, weights: Mapping[str, torch.Tensor], clients: Sequence[str] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Have ``clients`` test ``weights`` on their held-out split: client id -> metrics,
         with ``num_samples``. A client that fails or answers badly is logged and left out."""
         from flcore.client import read_validation
 
         ctx = self.ctx
         payload = codec.encode(weights, {"kind": "validate", "round": ctx.round})
         tests: dict[str, dict[str, float]] = {}
-        for result in self.runtime.run(ctx, "validate", payload, self.clients):
+        for result in self.send_to_clients("validate", payload, clients):
             try:
                 if result.payload is None:
                     raise CodecError(f"client failed: {result.error}")
@@ -208,7 +257,7 @@ class Training:
         """The round is complete: write its metrics line, the global model and the checkpoint."""
         ctx = self.ctx
         self.completed_round = ctx.round
-        ctx.snapshot_ = None  # a committed round is never rolled back
+        self.attempts = 0
         line = dict(ctx.metrics)
         self.history.append(line)
         if self.run_dir is None:
@@ -216,11 +265,18 @@ class Training:
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, default=str) + "\n")
         # The global model's file is the checkpoint: the round and the plugins' saved state
-        # travel in its metadata, so one atomic rename commits them together.
-        meta = {"round": ctx.round, "job": self.job.job.name, "state": self.plugin_state()}
+        # travel in its metadata, so one atomic rename commits them together. Tensors of the
+        # plugins' state go to a file of the round's own, written just before it.
+        state, tensors = self.plugin_state()
+        meta: dict[str, Any] = {"round": ctx.round, "job": self.job.job.name, "state": state}
+        files: list[tuple[Path, bytes | bytearray]] = []
+        if tensors:
+            name = f"{STATE_DIR}/{ctx.round:04d}.safetensors"
+            meta["state_tensors"] = name
+            files.append((self.run_dir / name, codec.encode(tensors, {"round": ctx.round})))
         # Serialized now (plugins may edit the model later), written durably in the background.
         model = codec.encode(ctx.global_model, meta)
-        files: list[tuple[Path, bytes | bytearray]] = [(self.run_dir / GLOBAL_MODEL, model)]
+        files.append((self.run_dir / GLOBAL_MODEL, model))
         if self.job.job.keep_round_models:
             files.append((self.run_dir / "rounds" / f"{ctx.round:04d}" / GLOBAL_MODEL, model))
         checkpoint = {
@@ -231,21 +287,50 @@ class Training:
         }
         files.append((self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode()))
         self.writer.submit(files)
+        self._prune_state_files(ctx.round)
 
-    def plugin_state(self) -> dict[str, Any]:
-        """What the chain's ``save_state`` handlers return, by plugin name (JSON only)."""
+    def _prune_state_files(self, round_: int) -> None:
+        """Keep the plugin-state tensors of this round and the one before (the last one
+        surely on disk); older rounds' are never read again."""
+        assert self.run_dir is not None
+        folder = self.run_dir / STATE_DIR
+        if not folder.is_dir():
+            return
+        for path in folder.glob("*.safetensors"):
+            if path.stem.isdigit() and int(path.stem) < round_ - 1:
+                path.unlink(missing_ok=True)
+
+    def plugin_state(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """What the chain's ``save_state`` handlers return, by plugin name, as JSON and the
+        tensors it holds (:func:`flcore.saved_state.pack`)."""
+        from flcore import saved_state
+
         state: dict[str, Any] = {}
         for plugin, answer in self.ctx.fire("save_state"):
             if answer is None:
                 continue
             try:
-                json.dumps(answer, allow_nan=False)
-            except (TypeError, ValueError) as err:
-                raise RoundFailed(
-                    f"plugin {plugin!r}: save_state returned non-JSON: {err}"
-                ) from err
+                saved_state.pack(answer)
+            except CodecError as err:
+                raise RoundFailed(f"plugin {plugin!r}: save_state returned {err}") from err
             state[plugin] = answer
-        return state
+        return saved_state.pack(state)
+
+    def reload_committed_model(self, round_: int) -> dict[str, torch.Tensor]:
+        """The global model of the last committed round, read back from the run directory
+        (a plugin edited the in-memory one in place, so a rollback cannot reuse it)."""
+        if self.run_dir is None:
+            raise RoundFailed("the global model was edited in place and there is no run directory")
+        self.writer.wait()  # the committed model may still be on its way to disk
+        path = self.run_dir / GLOBAL_MODEL
+        weights, meta = codec.load_file(path)
+        if meta.get("round") != round_:
+            raise RoundFailed(
+                f"the global model was edited in place during round {round_ + 1} and "
+                f"{path} holds round {meta.get('round')}, not {round_}: cannot restore it"
+            )
+        self.ctx.log.warning("global_model_reloaded", round=round_, reason="edited in place")
+        return weights
 
     def load_checkpoint(self) -> dict[str, Any]:
         """Put the run back at its last committed round; return the plugins' saved state.
@@ -266,6 +351,7 @@ class Training:
         round_, state = meta.get("round"), meta.get("state", {})
         if not isinstance(round_, int) or round_ < 0 or not isinstance(state, dict):
             raise FLCoreError(f"cannot resume {self.run_dir}: {path.name} has no checkpoint")
+        state = self._load_plugin_state(state, meta.get("state_tensors"), round_)
         if meta.get("job") != self.job.job.name:
             raise FLCoreError(
                 f"cannot resume {self.run_dir}: it holds job {meta.get('job')!r}, "
@@ -291,6 +377,29 @@ class Training:
             codec.write_atomic(metrics, "".join(line + "\n" for line in kept).encode())
         return state
 
+    def _load_plugin_state(self, state: dict[str, Any], tensors_file: Any, round_: int) -> Any:
+        """The plugins' saved state of ``round_``, its tensors read from their own file."""
+        from flcore import saved_state
+
+        assert self.run_dir is not None
+        tensors: dict[str, torch.Tensor] = {}
+        if tensors_file is not None:
+            expected = f"{STATE_DIR}/{round_:04d}.safetensors"
+            if tensors_file != expected:  # never a path a file chose: only the round's own
+                raise FLCoreError(
+                    f"cannot resume {self.run_dir}: {GLOBAL_MODEL} names state tensors "
+                    f"{tensors_file!r}, not {expected!r}"
+                )
+            try:
+                tensors, _ = codec.load_file(self.run_dir / expected)
+            except (CodecError, OSError) as err:
+                raise FLCoreError(f"cannot resume {self.run_dir}: {expected}: {err}") from err
+        try:
+            value = saved_state.unpack(state, tensors)
+        except CodecError as err:
+            raise FLCoreError(f"cannot resume {self.run_dir}: the plugins' state: {err}") from err
+        return value
+
     def save_local_model(self, round: int | None, client: str, weights: Any) -> None:
         """Keep a client's model (``delete_local_models_after_aggregation = false``)."""
         if self.run_dir is None:
@@ -299,3 +408,11 @@ class Training:
         codec.save_file(
             folder / f"{client}.safetensors", weights, {"round": round, "client_id": client}
         )
+
+
+def _unexpected(err: Exception) -> RoundFailed:
+    """A failure that is no flcore error (a trainer subclass's bug, a runtime's crash), as a
+    round failure that names it: the round is rolled back like any other."""
+    failed = RoundFailed(f"{type(err).__name__}: {err}")
+    failed.__cause__ = err
+    return failed

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from flcore.chain import Chain
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.defaults import console
 from flcore.logging import make_logger
 from tests.conftest import small_job
@@ -19,9 +19,9 @@ class Terminal(io.StringIO):
         return True
 
 
-def context(mode: Any, round_: int) -> FLContext:
+def context(mode: Any, round_: int) -> ServerContext:
     job = small_job(job={"rounds": 4, "clients": 3})
-    ctx = FLContext(job=job, task=None, chain=Chain([]), log=make_logger(), console=mode)  # type: ignore[arg-type]
+    ctx = ServerContext(job=job, task=None, chain=Chain([]), log=make_logger(), console=mode)  # type: ignore[arg-type]
     ctx.round = round_
     ctx.metrics = {
         "round": round_,

@@ -22,7 +22,7 @@ class PingTrainer(ModelTrainer):
     """Sends one extra request (``ping``) before training, answered by the spy's client_request."""
 
     def start(self) -> None:
-        for result in self.runtime.run(self.ctx, "ping", b"hello", self.training.clients):
+        for result in self.ctx.send_to_clients("ping", b"hello", self.ctx.clients):
             self.ctx.state.setdefault("pongs", []).append((result.client_id, result.payload))
         super().start()
 
@@ -410,13 +410,13 @@ def test_hook_evaluate(spied: tuple[Spy, RunResult]) -> None:
 
 def test_hook_predict(job_factory: Any) -> None:
     from flcore.chain import Chain
-    from flcore.context import FLContext
+    from flcore.context import ServerContext
     from flcore.logging import make_logger
     from flcore.task import load_task
 
     job = job_factory()
     chain = Chain.for_job(job)
-    ctx = FLContext(job=job, task=load_task(job), chain=chain, log=make_logger())
+    ctx = ServerContext(job=job, task=load_task(job), chain=chain, log=make_logger())
     model = torch.nn.Linear(4, 3)
     out = ctx.ask("predict", model=model, inputs=torch.randn(5, 4))
     assert out["probabilities"].shape == (5, 3)

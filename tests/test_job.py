@@ -35,7 +35,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_a_job_file_is_read_with_defaults(tmp_path: Path) -> None:
     job = Job.load(write(tmp_path, GOOD))
     assert job.job.rounds == 3 and job.job.clients == 4 and job.job.seed == 0
-    assert job.job.required_clients == 4  # min_clients defaults to every client
+    assert job.job.required_clients() == 4  # min_clients defaults to every client
     assert job.local.lr == 0.1 and job.local.epochs == 1
     assert job.trainer.skip_model_tests is False
     assert job.trainer.model_test_after_each_round is True

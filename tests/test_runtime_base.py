@@ -9,7 +9,7 @@ import pytest
 
 from flcore import hookimpl
 from flcore.chain import Chain
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.errors import JobError
 from flcore.logging import make_logger
 from flcore.runtime.base import job_for_remote_clients
@@ -26,9 +26,9 @@ class ClientSide:
     def local_train(self, ctx: Any, model: Any, data: Any) -> None: ...
 
 
-def context(chain: list[str], extra: dict[str, Any]) -> FLContext:
+def context(chain: list[str], extra: dict[str, Any]) -> ServerContext:
     job = small_job(chain, **{"plugins.server_only": {}} if "server_only" in chain else {})
-    return FLContext(job=job, task=None, chain=Chain.for_job(job, extra), log=make_logger())  # type: ignore[arg-type]
+    return ServerContext(job=job, task=None, chain=Chain.for_job(job, extra), log=make_logger())  # type: ignore[arg-type]
 
 
 def test_plugins_given_in_python_with_server_hooks_only_stay_in_the_server() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flcore import codec, hookimpl
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.contribution import Contribution
 from flcore.run import run_job
 from flcore.runtime.base import ClientResult
@@ -33,7 +33,7 @@ class TamperingRuntime(EmbeddedRuntime):
     round 1, a stranger chimes in, and client-0's reply arrives twice."""
 
     def run(
-        self, ctx: FLContext, request: str, payload: bytes, clients: Sequence[str]
+        self, ctx: ServerContext, request: str, payload: bytes, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         replies = list(super().run(ctx, request, payload, clients))
         if request != "train" or ctx.round != 1:
@@ -267,8 +267,8 @@ def test_trainer_events_can_be_processed_by_name(tmp_path: Path) -> None:
         resolve_event("os.system")
     with pytest.raises(FLCoreError, match="is not a trainer event"):
         resolve_event(dict)  # type: ignore[arg-type]
-    with pytest.raises(FLCoreError, match="no training 'nope' in this process"):
-        process_trainer_task("nope", "TrainingRoundFinished")
+    with pytest.raises(FLCoreError, match="unknown trainer event 'Nope'"):
+        process_trainer_task(None, "Nope")  # type: ignore[arg-type]
     assert issubclass(resolve_event("TrainingRoundFinished"), ModelTrainerEvent)
 
 

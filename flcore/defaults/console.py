@@ -28,10 +28,13 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def round_line(ctx: Any) -> str:
     shown = {
-        k: v for k, v in flatten(ctx.metrics).items() if k not in {"round", "clients", "refused"}
+        k: v
+        for k, v in flatten(ctx.metrics).items()
+        if k not in {"round", "clients", "refused", "cohort"}
     }
     parts = [f"round {ctx.round}/{ctx.job.job.rounds}"]
-    parts.append(f"clients {len(ctx.metrics.get('clients', []))}/{ctx.job.job.clients}")
+    cohort = len(ctx.metrics.get("cohort", ())) or ctx.job.job.clients
+    parts.append(f"clients {len(ctx.metrics.get('clients', []))}/{cohort}")
     if ctx.metrics.get("refused"):
         parts.append(f"refused {len(ctx.metrics['refused'])}")
     parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]

@@ -15,3 +15,9 @@ def aggregate(ctx: Any, contributions: Iterable[Any]) -> dict[str, Any]:
     exact = ctx is None or ctx.job.job.exact_mean
     # all in hand: averaged a block at a time across them, each weight read once
     return weighted_mean([(c.weights, c.num_samples) for c in contributions], exact)
+
+
+@hookimpl
+def server_update(ctx: Any, aggregate: dict[str, Any]) -> dict[str, Any]:
+    """Plain FedAvg's server step: the aggregate is the new global model."""
+    return aggregate

@@ -9,6 +9,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -192,8 +193,12 @@ def serve(
     max_backoff: float = 5.0,
     task: str | None = None,
     task_settings: Iterable[str] = (),
+    state_dir: Path | None = None,
 ) -> None:
     """Be client ``name`` of the job's federation at ``target`` until the server says stop.
+
+    ``state_dir`` is where this client keeps its per-client state (``ctx.state``), one
+    folder per server run, so a resumed run continues with it; ``None`` keeps it in memory.
 
     ``job`` None: take the job from the server and train ``task`` (this client's own
     choice, with ``task_settings``) in it; the server then checks that everything but the
@@ -223,7 +228,9 @@ def serve(
 
     torch.set_num_threads(job.job.threads)
     chain = Chain.for_job(job)
-    client = Client(job, load_task(job), chain, names.index(name), log, name=name)
+    client = Client(
+        job, load_task(job), chain, names.index(name), log, name=name, state_root=state_dir
+    )
     max_size = job.job.max_message_mb * 1024 * 1024
     own_task = task is not None
     digest = shared_digest(job) if own_task else job_digest(job)

@@ -24,7 +24,7 @@ import grpc
 
 from flcore.client import client_name
 from flcore.codec import Payload, write_atomic
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.deploy import wire
 from flcore.errors import FLCoreError
 from flcore.runtime.base import ClientResult, Runtime
@@ -303,7 +303,7 @@ class NetworkRuntime(Runtime):
 
     # -- the runtime seam (the trainer's thread) ----------------------------------
 
-    def start(self, ctx: FLContext) -> list[str]:
+    def start(self, ctx: ServerContext) -> list[str]:
         from concurrent import futures
 
         fed = self.federation
@@ -331,7 +331,7 @@ class NetworkRuntime(Runtime):
         ctx.log.info("server_listening", address=self.address, tls=self.credentials is not None)
         if ctx.run_dir is not None:
             write_atomic(ctx.run_dir / ADDRESS_FILE, json.dumps({"address": self.address}).encode())
-        needed = self.job.job.required_clients
+        needed = self.job.job.required_clients()
         deadline = time.monotonic() + self.job.job.join_timeout
         with fed.lock:
             while True:
@@ -351,7 +351,7 @@ class NetworkRuntime(Runtime):
         return joined
 
     def run(
-        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
+        self, ctx: ServerContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         fed = self.federation
         self.register_returning(ctx, clients)
@@ -396,7 +396,7 @@ class NetworkRuntime(Runtime):
                 self.drop(ctx, name, reason)
                 yield ClientResult(name, error=f"dropped: {reason}")
 
-    def drop(self, ctx: FLContext, name: str, reason: str) -> None:
+    def drop(self, ctx: ServerContext, name: str, reason: str) -> None:
         """A client died or stalled: forget its connection, fire ``client_quit``."""
         fed = self.federation
         with fed.lock:
@@ -406,7 +406,7 @@ class NetworkRuntime(Runtime):
         ctx.log.warning("client_dropped", client=name, reason=reason)
         ctx.fire("client_quit", client_id=name)
 
-    def register_returning(self, ctx: FLContext, clients: Sequence[str]) -> None:
+    def register_returning(self, ctx: ServerContext, clients: Sequence[str]) -> None:
         """Clients that came back after being dropped join the next request."""
         fed = self.federation
         with fed.lock:
@@ -425,7 +425,7 @@ class NetworkRuntime(Runtime):
         fed = self.federation
         return [n for n in clients if fed.members[n].registered]
 
-    def stop(self, ctx: FLContext) -> None:
+    def stop(self, ctx: ServerContext) -> None:
         fed = self.federation
         with fed.lock:
             fed.stopping = True

@@ -13,11 +13,15 @@ import attrs
 from flcore.codec import Payload
 
 if TYPE_CHECKING:
-    from flcore.context import FLContext
+    from flcore.context import ServerContext
 
 
 #: Hooks that run where the clients are: a plugin with one of them must be loadable there.
 CLIENT_HOOKS = (
+    "local_optimizer",
+    "local_loss_term",
+    "after_optimizer_step",
+    "send_update",
     "receive_model",
     "receive_validation_models",
     "send_validation_results",
@@ -29,7 +33,7 @@ CLIENT_HOOKS = (
 )
 
 
-def job_for_remote_clients(ctx: FLContext, setting: str, place: str) -> str:
+def job_for_remote_clients(ctx: ServerContext, setting: str, place: str) -> str:
     """The job as TOML for clients in other processes, which load plugins from entry points.
 
     Plugins given in Python (tests, stacks composed in code) cannot be loaded there: those
@@ -39,8 +43,8 @@ def job_for_remote_clients(ctx: FLContext, setting: str, place: str) -> str:
     from flcore.errors import JobError
     from flcore.job import dump_toml
 
-    given = [n for n, origin in ctx.chain.origins.items() if origin != "entry point"]
-    client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx.chain.implementations(hook)}
+    given = [n for n, origin in ctx._chain.origins.items() if origin != "entry point"]
+    client_side = {n for hook in CLIENT_HOOKS for n, _ in ctx._chain.implementations(hook)}
     if client_side & set(given):
         raise JobError(
             f"{ctx.job.where('job')}.{setting}: plugins {sorted(client_side & set(given))} were "
@@ -90,12 +94,12 @@ class Runtime(ABC):
     """Where clients run. ``start`` returns the names of the clients that joined."""
 
     @abstractmethod
-    def start(self, ctx: FLContext) -> list[str]:
+    def start(self, ctx: ServerContext) -> list[str]:
         """Bring the clients up; return their names (each gets ``client_register``)."""
 
     @abstractmethod
     def run(
-        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
+        self, ctx: ServerContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         """Send ``request`` with ``payload`` to ``clients``; yield replies as they come.
 
@@ -104,7 +108,7 @@ class Runtime(ABC):
         """
 
     @abstractmethod
-    def stop(self, ctx: FLContext) -> None:
+    def stop(self, ctx: ServerContext) -> None:
         """Release the clients; must be safe to call after a failed ``start``."""
 
     def present(self, clients: Sequence[str]) -> list[str]:

@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import queue
 import threading
-import tomllib
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import Any
 
 import numpy
 
-from flcore.client import client_name
 from flcore.codec import Payload
-from flcore.context import FLContext
+from flcore.context import ServerContext
 from flcore.errors import FLCoreError
 from flcore.runtime.base import (
     CLIENT_HOOKS,
@@ -112,42 +110,29 @@ def worker_main(
     run_dir: str | None,
     threads: int,
 ) -> None:
-    """A worker's whole life: build the chain and clients, then answer until told to stop."""
+    """A worker's whole life: build its clients, then answer until told to stop."""
     import torch
 
-    from flcore.chain import Chain
-    from flcore.client import Client, RequestMemo
-    from flcore.job import Job
     from flcore.logging import make_logger
-    from flcore.task import load_task
+    from flcore.runtime.host import ClientHost
 
     torch.set_num_threads(threads)
     log = make_logger(Path(run_dir) / "events.jsonl" if run_dir else None)
     try:
-        job = Job.from_dict(tomllib.loads(job_text), source=source)
-        task = load_task(job)
-        chain = Chain.for_job(job)
-        model = task.model()  # one for all of this worker's clients, as in the embedded runtime
-        clients = {
-            client_name(i): Client(job, task, chain, i, log.bind(worker=os.getpid()), model)
-            for i in indices
-        }
+        host = ClientHost(job_text, source, indices, run_dir, log.bind(worker=os.getpid()))
     except Exception as err:  # reported to the server, which stops the run
         _send(conn, {"fatal": f"{type(err).__name__}: {err}"})
         return
-    memo = RequestMemo()  # a request's payload serves all this worker's clients: decoded once
-    for client in clients.values():
-        client.decoder = memo
-    log.info("worker_started", worker=os.getpid(), clients=sorted(clients))
+    log.info("worker_started", worker=os.getpid(), clients=sorted(host.clients))
     _send(conn, {"ready": True})
     outbox = Outbox(conn)
     try:
-        _serve(conn, outbox, clients, memo)
+        _serve(conn, outbox, host)
     finally:
         outbox.close()
 
 
-def _serve(conn: Connection, outbox: Outbox, clients: dict[str, Any], memo: Any) -> None:
+def _serve(conn: Connection, outbox: Outbox, host: Any) -> None:
     while True:
         try:
             header, payload = _receive(conn)
@@ -156,16 +141,13 @@ def _serve(conn: Connection, outbox: Outbox, clients: dict[str, Any], memo: Any)
         if header.get("request") == "stop" or payload is None:
             return
         for name in header["clients"]:
-            try:
-                reply = clients[name].handle(header["request"], payload)
-            except FLCoreError as err:
-                outbox.send({"client": name, "error": str(err)})
-            except Exception as err:
-                outbox.send({"client": name, "error": f"{type(err).__name__}: {err}"})
+            reply, error = host.answer(name, header["request"], payload)
+            if reply is None:
+                outbox.send({"client": name, "error": error})
             else:
                 outbox.send({"client": name}, reply)
-                del reply
-        memo.clear()
+            del reply
+        host.request_done()
         del payload
         outbox.send({"done": True})
 
@@ -186,6 +168,7 @@ PRELOAD = [
     "flcore.run",
     "flcore.cli",
     "flcore.runtime.pool",
+    "flcore.runtime.host",
     "flcore.defaults.local_training",
     "flcore.defaults.evaluation",
 ]
@@ -212,13 +195,14 @@ class ProcessPoolRuntime(Runtime):
         self.assignment: dict[str, int] = {}
         self.threads = TorchThreads()
 
-    def start(self, ctx: FLContext) -> list[str]:
+    def start(self, ctx: ServerContext) -> list[str]:
         job_text = job_for_remote_clients(ctx, "workers", "worker processes")
         # The server's own work (reading, checking, folding) runs between the workers': with
         # more torch threads, idle OpenMP threads spin on the cores the workers train on
         # (measured: 4 CPU-seconds instead of 1 in case B2, and rounds 30 % slower).
         self.threads.hold(1)
         n_clients = ctx.job.job.clients
+        names = ctx.job.client_names
         workers = min(self.workers, n_clients)
         threads = ctx.job.job.threads
         mp = _context(ctx.job.job.task.partition(":")[0])
@@ -243,7 +227,7 @@ class ProcessPoolRuntime(Runtime):
             self.procs.append(proc)
             self.conns.append(parent)
             for i in indices:
-                self.assignment[client_name(i)] = w
+                self.assignment[names[i]] = w
         for w, conn in enumerate(self.conns):
             try:
                 header = json.loads(conn.recv_bytes())
@@ -252,10 +236,10 @@ class ProcessPoolRuntime(Runtime):
             if "fatal" in header:
                 self.stop(ctx)
                 raise FLCoreError(f"worker {w} could not start: {header['fatal']}")
-        return [client_name(i) for i in range(n_clients)]
+        return list(names)
 
     def run(
-        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
+        self, ctx: ServerContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         """Replies come back in the order of ``clients``, the order the trainer folds them in.
 
@@ -305,7 +289,7 @@ class ProcessPoolRuntime(Runtime):
         unread[worker] -= 1
         return _receive(self.conns[worker])
 
-    def stop(self, ctx: FLContext) -> None:
+    def stop(self, ctx: ServerContext) -> None:
         for conn in self.conns:
             with contextlib.suppress(OSError):  # a dead worker's pipe is broken
                 _send(conn, {"request": "stop"})

@@ -1,0 +1,84 @@
+"""The clients of one process, built from the job's TOML text: what a pool worker, a Ray
+actor or any runtime's remote process hosts.
+
+A process of its own builds its own chain (a PluginManager cannot be sent), so the client
+side has its own plugin instances on every runtime; its clients share one model instance
+and one decoded request. A simulation keeps each client's state under
+``RUN_DIR/clients/NAME`` (where that directory is reachable), so a resumed run finds it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flcore.codec import Payload
+from flcore.errors import FLCoreError
+
+#: The folder of a run directory that holds each simulated client's own state.
+CLIENTS_DIR = "clients"
+
+
+def client_state_dir(run_dir: str | Path | None, name: str) -> Path | None:
+    """Where the simulated client ``name`` keeps its state: ``RUN_DIR/clients/NAME``."""
+    return Path(run_dir) / CLIENTS_DIR / name if run_dir is not None else None
+
+
+class ClientHost:
+    """The clients at ``indices`` of the job in ``job_text``, ready to answer requests."""
+
+    def __init__(
+        self,
+        job_text: str,
+        source: str,
+        indices: Sequence[int],
+        run_dir: str | Path | None,
+        log: Any,
+    ) -> None:
+        from flcore.chain import Chain
+        from flcore.client import Client, RequestMemo
+        from flcore.job import Job
+        from flcore.task import load_task
+
+        job = Job.from_dict(tomllib.loads(job_text), source=source)
+        task = load_task(job)
+        chain = Chain.for_job(job)
+        model = task.model()  # one for all of this host's clients, as in the embedded runtime
+        self.memo = RequestMemo()  # a request's payload serves all the clients: decoded once
+        self.clients: dict[str, Client] = {}
+        for i in indices:
+            name = job.client_names[i]
+            client = Client(
+                job, task, chain, i, log, model, state_dir=client_state_dir(run_dir, name)
+            )
+            client.decoder = self.memo
+            self.clients[name] = client
+
+    def answer(
+        self, client: str, request: str, payload: Payload
+    ) -> tuple[Payload | None, str | None]:
+        """``(reply, None)``, or ``(None, why)`` when the client failed: the user's code on a
+        client may fail in any way, and the server hears why instead of losing the host."""
+        try:
+            return self.clients[client].handle(request, payload), None
+        except FLCoreError as err:
+            return None, str(err)
+        except Exception as err:
+            return None, f"{type(err).__name__}: {err}"
+
+    def request_done(self) -> None:
+        """The request was answered by every client asked: its decoded payload may go."""
+        self.memo.clear()
+
+
+def preload_client_modules() -> None:
+    """Import what a client's first round would import lazily (torch's optimizer machinery
+    among it: seconds), so a host pays for it while it starts rather than in round 1."""
+    import importlib
+
+    from flcore.runtime.pool import PRELOAD
+
+    for module in PRELOAD:
+        importlib.import_module(module)
