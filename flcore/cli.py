@@ -43,7 +43,22 @@ def set_option(also: str = "") -> Any:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Flcore(click.Group):
+    """The ``flcore`` group: the core's commands, and those installed plugins add through
+    ``register_commands`` before click dispatches (once per process)."""
+
+    _plugins_added = False
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if not _Flcore._plugins_added:
+            _Flcore._plugins_added = True
+            from flcore.plugins import add_plugin_commands
+
+            add_plugin_commands(self, report=lambda line: click.echo(line, err=True))
+        return super().main(*args, **kwargs)
+
+
+@click.group(cls=_Flcore, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flcore")
 def main() -> None:
     """flcore: federated learning from a small core and the plugins you chain."""
@@ -168,14 +183,12 @@ def predict(run_dir: str, input_file: str, samples: int | None, out: str | None)
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
-    """List every installed plugin, its distribution, version and hooks."""
-    import attrs
-
+    """List every installed plugin, its distribution, version and hooks (or why it fails)."""
     from flcore.plugins import list_plugins
 
     infos = list_plugins()
     if as_json:
-        click.echo(json.dumps([attrs.asdict(i) for i in infos], indent=2))
+        click.echo(json.dumps([i._asdict() for i in infos], indent=2))
         return
     for info in infos:
         origin = "builtin" if info.builtin else f"{info.distribution} {info.version}"
@@ -185,11 +198,14 @@ def plugins(as_json: bool) -> None:
 
 @main.command()
 def hooks() -> None:
-    """List every hook with its one-line documentation."""
-    from flcore.hookspec_docs import hook_summaries
+    """List every hook, the core's and those installed plugins declare, with its one-line
+    documentation."""
+    from flcore.hookspec_docs import every_hook
 
-    for name, kind, side, line in hook_summaries():
-        click.echo(f"{name:<26} {kind:<8} {side:<7} {line}")
+    rows = every_hook()
+    width = max(len(by) for by, _ in rows)
+    for by, (name, kind, side, line) in rows:
+        click.echo(f"{name:<26} {kind:<8} {side:<7} {by:<{width}} {line}".rstrip())
 
 
 _PLAINTEXT_WARNING = (

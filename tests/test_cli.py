@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 DIGITS = ROOT / "examples" / "digits" / "job.toml"
@@ -104,3 +106,16 @@ def test_a_missing_job_file_is_a_clear_error(tmp_path: Path) -> None:
     result = flcore("run", str(tmp_path / "none.toml"))
     assert result.returncode == 1
     assert re.search(r"error: cannot read job file '.*none\.toml'", result.stderr)
+
+
+def test_flcore_hooks_lists_the_hooks_installed_plugins_declare() -> None:
+    from flcore.plugins import installed_entry_points
+
+    result = flcore("hooks")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert rows["end_round"][:4] == ["end_round", "handler", "server", "core"]
+    if "swag" not in installed_entry_points():
+        pytest.skip("the swag plugin is not installed here")
+    assert rows["end_swag_round"][:4] == ["end_swag_round", "handler", "server", "swag"]
+    assert " ".join(rows["end_swag_round"][4:]).startswith("The SWAG round is complete")
