@@ -333,6 +333,14 @@ def _check_address(address: str, option: str) -> None:
     show_default=True,
     help="Seconds to keep retrying an unreachable server.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default="flcore-client-state",
+    show_default=True,
+    help="Where this client keeps its per-client state between rounds (one folder per "
+    "server run), so a resumed run continues with it.",
+)
 @verbose_option
 def client(
     target: str,
@@ -346,6 +354,7 @@ def client(
     insecure: bool,
     overrides: tuple[str, ...],
     give_up_after: float,
+    state_dir: str,
     verbose: bool,
 ) -> None:
     """Be client NAME of the federation served at --server until the run ends.
@@ -419,6 +428,7 @@ def client(
             give_up_after=give_up_after,
             task=task,
             task_settings=task_settings,
+            state_dir=Path(state_dir) / name,
         )
     except FLCoreError as err:
         _fail(err)

@@ -28,7 +28,7 @@ class RoundFailed(FLCoreError):
 
 
 class HandlerFailed(RoundFailed):
-    """A plugin raised while an event was fired; the event was rolled back."""
+    """A plugin raised while an event was fired; the round it belongs to is rolled back."""
 
     def __init__(self, plugin: str, event: str, error: BaseException) -> None:
         self.plugin = plugin

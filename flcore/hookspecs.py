@@ -17,8 +17,9 @@ Two kinds of hook, both called by pluggy:
   chain that returns something other than ``None`` wins, the core answers last.
 
 pluggy's options work as pluggy documents them: ``@hookimpl(wrapper=True)`` wraps the
-whole chain's call of a hook and sees its result or exception; ``tryfirst`` and
-``trylast`` move an implementation to the front or back of the chain's order. An
+whole chain's call of a hook and sees its result or exception (the first wrapper in the
+chain is outermost); ``tryfirst`` implementations run before all others, in chain order,
+``trylast`` ones after the core's defaults, in reverse chain order (pluggy's own rule). An
 implementation named after no hook, or taking an argument its hook does not have, is an
 error when the plugin loads.
 

@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: Final[Mapping[str, str]] = {
     "core.console": "flcore.defaults.console",
     "core.trainer": "flcore.defaults.trainer_class",
     "core.runtime": "flcore.defaults.runtime",
+    "core.selection": "flcore.defaults.selection",
     "core.fedavg": "flcore.defaults.fedavg",
     "core.local_training": "flcore.defaults.local_training",
     "core.evaluation": "flcore.defaults.evaluation",
