@@ -74,17 +74,17 @@ class BestModelFiles:
         record: Mapping[str, Any],
     ) -> int:
         """Write the model, then its record; return the new version."""
-        from flcore import codec
+        from flcore import encode_tensors, write_atomic
 
-        payload = bytes(codec.encode(weights, meta))
+        payload = bytes(encode_tensors(weights, meta))
         described = {**record, "file": MODEL_FILE, "sha256": hashlib.sha256(payload).hexdigest()}
         text = json.dumps(described, indent=2, allow_nan=False) + "\n"  # fails before writing
         if self._undo is None:
             self._undo = (self.version, self._keep_round_start())
         self.version += 1
         if self.run_dir is not None:
-            codec.write_atomic(self.run_dir / MODEL_FILE, payload)
-            codec.write_atomic(self.run_dir / RECORD_FILE, text.encode())
+            write_atomic(self.run_dir / MODEL_FILE, payload)
+            write_atomic(self.run_dir / RECORD_FILE, text.encode())
         return self.version
 
     def commit(self) -> None:
@@ -113,7 +113,7 @@ class BestModelFiles:
         return version
 
     def _keep_round_start(self) -> dict[Path, bool]:
-        from flcore import codec
+        from flcore import write_atomic
 
         existed = {}
         for path in self.paths:
@@ -125,5 +125,5 @@ class BestModelFiles:
             try:
                 os.link(path, kept)
             except OSError:  # a file system without hard links: a copy, written atomically
-                codec.write_atomic(kept, path.read_bytes())
+                write_atomic(kept, path.read_bytes())
         return existed

@@ -8,9 +8,9 @@ it gets a client validation of its own after the last round: Clara never scored 
 could never be selected.
 
 The selection lives in ``ctx.state["model_selection"]`` (restored by the core on rollback);
-the files, which the core cannot restore, are put back by :meth:`rollback` or, when the
-round failed in an event this plugin did not handle, at the next ``start_round`` or at
-``shutdown``.
+the files, which the core cannot restore, are put back by :meth:`rollback`, which a failed
+round calls on every plugin that handled any of its events. The next ``start_round`` and
+``shutdown`` check that the files agree with the selection all the same.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from flcore import hookimpl
-from flcore.errors import JobError
+from flcore import JobError, hookimpl
 from flcore_model_selection import hookspecs
 from flcore_model_selection.files import BestModelFiles
 from flcore_model_selection.record import BestModel
@@ -40,7 +39,7 @@ from flcore_model_selection.settings import ModelSelectionSettings
 if TYPE_CHECKING:
     import torch
 
-    from flcore.context import FLContext
+    from flcore import ServerContext
 
 #: The key of this plugin's entries in ``ctx.state`` and ``ctx.metrics``.
 PLUGIN_NAME: Final = "model_selection"
@@ -76,14 +75,11 @@ class ModelSelectionHandler:
     # -- before training ------------------------------------------------------------------
 
     @hookimpl
-    def check_job(self, ctx: FLContext) -> None:
-        if ctx.job.job.runtime == "embedded":
-            from flcore.client import client_name
-
-            self._check_weighted_clients(ctx, [client_name(i) for i in range(ctx.job.job.clients)])
+    def check_job(self, ctx: ServerContext) -> None:
+        self._check_weighted_clients(ctx)
         if self.settings.source == "server":
             chain = list(ctx.job.chain)
-            me = ctx.chain.pm.get_name(self) or PLUGIN_NAME
+            me = ctx.name_of(self) or PLUGIN_NAME
             if (
                 SERVER_PLUGIN in chain
                 and me in chain
@@ -95,10 +91,14 @@ class ModelSelectionHandler:
                     f"metrics in the after_aggregation event that {me!r} reads them in"
                 )
 
-    def _check_weighted_clients(self, ctx: FLContext, clients: list[str]) -> None:
+    def _check_weighted_clients(self, ctx: ServerContext) -> None:
+        """Every name in ``aggregation_weights`` is one of the federation's clients: the job's
+        names, known before any client joins on every runtime (``[job] allowed_clients`` in
+        a deployment)."""
+        clients = ctx.clients
         unknown = sorted(set(self.settings.aggregation_weights) - set(clients))
         if unknown:
-            me = ctx.chain.pm.get_name(self) or PLUGIN_NAME
+            me = ctx.name_of(self) or PLUGIN_NAME
             raise JobError(
                 f"{ctx.job.where(f'plugins.{me}')}.aggregation_weights: unknown client "
                 f"{unknown[0]!r}; the clients are {', '.join(clients)}"
@@ -107,7 +107,7 @@ class ModelSelectionHandler:
     # -- the run ----------------------------------------------------------------------------
 
     @hookimpl
-    def startup(self, ctx: FLContext) -> None:
+    def startup(self, ctx: ServerContext) -> None:
         ctx.state[PLUGIN_NAME] = fresh_state()
         self.files = BestModelFiles(ctx.run_dir)
         self._written_in = None
@@ -122,26 +122,24 @@ class ModelSelectionHandler:
         )
 
     @hookimpl
-    def save_state(self, ctx: FLContext) -> dict[str, Any]:
+    def save_state(self, ctx: ServerContext) -> dict[str, Any]:
         """The selection, written with each committed round: a resumed run keeps its best."""
         return copy.deepcopy(ctx.state[PLUGIN_NAME])
 
     @hookimpl
-    def resume(self, ctx: FLContext, state: Mapping[str, Any]) -> None:
-        me = ctx.chain.pm.get_name(self) or PLUGIN_NAME
+    def resume(self, ctx: ServerContext, state: Mapping[str, Any]) -> None:
+        me = ctx.name_of(self) or PLUGIN_NAME
         saved = state.get(me)
         if saved is not None:
             ctx.state[PLUGIN_NAME] = {**fresh_state(), **copy.deepcopy(dict(saved))}
             ctx.log.info("model_selection_resumed", best=saved.get("best"))
 
     @hookimpl
-    def start_round(self, ctx: FLContext) -> None:
+    def start_round(self, ctx: ServerContext) -> None:
         self._settle(ctx)
-        if ctx.round == 1 and ctx.job.job.runtime != "embedded" and ctx.training is not None:
-            self._check_weighted_clients(ctx, list(ctx.training.clients))
 
     @hookimpl
-    def before_aggregation(self, ctx: FLContext) -> None:
+    def before_aggregation(self, ctx: ServerContext) -> None:
         if self.settings.source != "clients":
             return
         state = ctx.state[PLUGIN_NAME]
@@ -154,7 +152,7 @@ class ModelSelectionHandler:
         self._consider(ctx, score, model_round=ctx.round - 1, weights=ctx.global_model)
 
     @hookimpl
-    def after_aggregation(self, ctx: FLContext) -> None:
+    def after_aggregation(self, ctx: ServerContext) -> None:
         if self.settings.source != "server":
             return
         if SERVER_METRICS not in ctx.metrics:
@@ -169,11 +167,11 @@ class ModelSelectionHandler:
         self._consider(ctx, Score(value, ()), model_round=ctx.round, weights=ctx.global_model)
 
     @hookimpl
-    def test_round(self, ctx: FLContext) -> None:
+    def test_round(self, ctx: ServerContext) -> None:
         ctx.state[PLUGIN_NAME]["tested_round"] = ctx.round
 
     @hookimpl
-    def end_round(self, ctx: FLContext) -> None:
+    def end_round(self, ctx: ServerContext) -> None:
         if ctx.is_last_round:
             if self.settings.source == "clients":
                 self._score_final_model(ctx)
@@ -186,7 +184,7 @@ class ModelSelectionHandler:
         self._publish(ctx)
 
     @hookimpl
-    def finish(self, ctx: FLContext) -> None:
+    def finish(self, ctx: ServerContext) -> None:
         self._settle(ctx)
         best = ctx.state[PLUGIN_NAME]["best"]
         if best is None:
@@ -212,17 +210,17 @@ class ModelSelectionHandler:
             )
 
     @hookimpl
-    def rollback(self, ctx: FLContext) -> None:
+    def rollback(self, ctx: ServerContext) -> None:
         self._restore(ctx)
 
     @hookimpl
-    def shutdown(self, ctx: FLContext) -> None:
+    def shutdown(self, ctx: ServerContext) -> None:
         self._settle(ctx)
 
     # -- scoring ----------------------------------------------------------------------------
 
     def _score_clients(
-        self, ctx: FLContext, reports: Sequence[tuple[str, Mapping[str, Any], int | None]]
+        self, ctx: ServerContext, reports: Sequence[tuple[str, Mapping[str, Any], int | None]]
     ) -> Score:
         """The weighted mean over ``(client, metrics, local iterations)``; unusable values are
         skipped and logged."""
@@ -249,7 +247,7 @@ class ModelSelectionHandler:
             )
         return score
 
-    def _score_final_model(self, ctx: FLContext) -> None:
+    def _score_final_model(self, ctx: ServerContext) -> None:
         """Score the model the last round produced, which no client ever received to train on.
 
         The clients' test of it in this round's ``test_round`` is reused when there was one;
@@ -259,11 +257,8 @@ class ModelSelectionHandler:
         state = ctx.state[PLUGIN_NAME]
         if state["tested_round"] == ctx.round and ctx.client_tests:
             tests, via = ctx.client_tests, "round_test"
-        elif ctx.training is not None:
-            tests, via = ctx.training.validate_on_clients(ctx.global_model), "validation_pass"
-        else:  # a context without a training cannot reach the clients
-            ctx.log.warning("final_model_unscored", round=ctx.round, reason="no clients to ask")
-            return
+        else:  # the round's cohort, as a round test would have asked
+            tests, via = ctx.validate_on_clients(ctx.global_model), "validation_pass"
         name = self.settings.validation_metric_name
         reports = [
             (client, validation_view(metrics), state["local_iterations"].get(client))
@@ -293,7 +288,7 @@ class ModelSelectionHandler:
 
     def _consider(
         self,
-        ctx: FLContext,
+        ctx: ServerContext,
         score: Score,
         *,
         model_round: int,
@@ -331,7 +326,9 @@ class ModelSelectionHandler:
             self._keep(ctx, best, weights)
         self._publish(ctx, scored={model_round: score.value}, skipped=score.skipped)
 
-    def _keep(self, ctx: FLContext, best: BestModel, weights: Mapping[str, torch.Tensor]) -> None:
+    def _keep(
+        self, ctx: ServerContext, best: BestModel, weights: Mapping[str, torch.Tensor]
+    ) -> None:
         """Write the new best, record it, announce it; undo all three if a listener fails."""
         state = ctx.state[PLUGIN_NAME]
         meta = {
@@ -364,7 +361,7 @@ class ModelSelectionHandler:
 
     def _publish(
         self,
-        ctx: FLContext,
+        ctx: ServerContext,
         scored: Mapping[int, float] | None = None,
         skipped: Mapping[str, str] | None = None,
     ) -> None:
@@ -382,11 +379,11 @@ class ModelSelectionHandler:
             entry["best_round"] = state["best"]["round"]
             entry["best"] = state["best"]["metric"]
 
-    def _settle(self, ctx: FLContext) -> None:
+    def _settle(self, ctx: ServerContext) -> None:
         """Make the files agree with the selection in ``ctx.state`` and commit them.
 
-        After a round failed in an event this plugin did not handle, the core restored
-        ``ctx.state`` but the files still hold that round's best: put them back."""
+        Should a failed round's rollback not have put them back (it raised, say), the core
+        restored ``ctx.state`` but the files still hold that round's best: put them back."""
         state = ctx.state.get(PLUGIN_NAME)
         if state is not None and self.files.pending and state["version"] != self.files.version:
             self._restore(ctx)
@@ -399,7 +396,7 @@ class ModelSelectionHandler:
         self.files.commit()
         self._written_in = None
 
-    def _restore(self, ctx: FLContext) -> int | None:
+    def _restore(self, ctx: ServerContext) -> int | None:
         """Put the files back as at the start of the round that wrote them."""
         written_in, self._written_in = self._written_in, None
         restored = self.files.restore()
@@ -412,7 +409,7 @@ def validation_view(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """A client's validation of the final model, named as its contribution names the
     validation of a received model: ``initial_validation`` (the metrics),
     ``initial_validation_metric`` (the client's one number), and each metric by its name."""
-    from flcore.defaults.evaluation import primary_metric
+    from flcore import primary_metric  # the core's evaluation module: torch, on first use
 
     measured = {k: v for k, v in metrics.items() if k != "num_samples"}
     view: dict[str, Any] = dict(measured)

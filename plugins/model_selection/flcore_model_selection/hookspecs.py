@@ -15,13 +15,13 @@ from flcore import hookspec
 if TYPE_CHECKING:
     import torch
 
-    from flcore.context import FLContext
+    from flcore import ServerContext
     from flcore_model_selection.record import BestModel
 
 
 @hookspec
 def best_model_selected(
-    ctx: FLContext, best: BestModel, weights: Mapping[str, torch.Tensor]
+    ctx: ServerContext, best: BestModel, weights: Mapping[str, torch.Tensor]
 ) -> None:
     """A global model beat the best so far and was written to ``best_model.safetensors``.
 

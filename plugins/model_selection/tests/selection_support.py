@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flcore import codec, hookimpl
-from flcore.job import Job
+from flcore import Job, hookimpl, load_tensors
 
 #: Small enough to train in well under a second per round on two cores, large enough that
 #: accuracy climbs from chance to ~0.8 in three rounds.
@@ -71,7 +70,7 @@ def round_model(run_dir: Path, round: int) -> Path:
 def tensor_bytes(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """Every tensor of a model file as (dtype, shape, raw bytes): equal means the same model
     byte for byte, whatever metadata the two files carry."""
-    weights, _ = codec.load_file(path)
+    weights, _ = load_tensors(path)
     return {
         name: (str(t.dtype), tuple(t.shape), t.contiguous().view(torch.uint8).numpy().tobytes())
         for name, t in sorted(weights.items())
@@ -246,17 +245,16 @@ class FailAt:
 
 class ClientMetric:
     """On the clients: report ``name`` in every contribution with a value per client (absent
-    for clients not in ``values``), computed around the core's own local training."""
+    for clients not in ``values``), added around whichever local training answers (a pluggy
+    wrapper: the core's own here)."""
 
     def __init__(self, name: str, values: Mapping[str, Any]) -> None:
         self.name = name
         self.values = dict(values)
 
-    @hookimpl
-    def local_train(self, ctx: Any, model: Any, data: Any) -> dict[str, Any]:
-        from flcore.defaults.local_training import local_train
-
-        result = local_train(ctx, model, data)
+    @hookimpl(wrapper=True)
+    def local_train(self, ctx: Any, model: Any, data: Any) -> Generator[None, Any, Any]:
+        result = yield
         if ctx.client_id in self.values:
             result["metrics"][self.name] = self.values[ctx.client_id]
         return result

@@ -13,7 +13,8 @@ import torch
 from flcore_model_selection import MODEL_FILE, RECORD_FILE, BestModelFiles
 from flcore_model_selection.files import round_start_path
 
-from flcore import codec
+import flcore
+from flcore import load_tensors
 
 
 def model(value: float) -> dict[str, torch.Tensor]:
@@ -31,7 +32,7 @@ def test_write_is_atomic_and_described(tmp_path: Path) -> None:
         "file": MODEL_FILE,
         "sha256": hashlib.sha256(payload).hexdigest(),
     }
-    weights, meta = codec.load_file(tmp_path / MODEL_FILE)
+    weights, meta = load_tensors(tmp_path / MODEL_FILE)
     assert torch.equal(weights["w"], model(1.0)["w"]) and meta == {"round": 1}
     assert sorted(os.listdir(tmp_path)) == [RECORD_FILE, MODEL_FILE]  # no temporary left
 
@@ -116,7 +117,7 @@ def test_a_crash_between_the_two_files_is_detectable(
     files = BestModelFiles(tmp_path)
     files.write(model(1.0), {"round": 1}, {"round": 1})
     files.commit()
-    real = codec.write_atomic
+    real = flcore.write_atomic
 
     def record_lost(path: Path, data: bytes) -> None:
         if path.name == RECORD_FILE:
@@ -124,7 +125,7 @@ def test_a_crash_between_the_two_files_is_detectable(
         real(path, data)
 
     with monkeypatch.context() as patch:
-        patch.setattr(codec, "write_atomic", record_lost)
+        patch.setattr(flcore, "write_atomic", record_lost)
         with pytest.raises(OSError):
             files.write(model(2.0), {"round": 2}, {"round": 2})
     record = json.loads((tmp_path / RECORD_FILE).read_text())

@@ -28,7 +28,7 @@ from selection_support import (
     weighted,
 )
 
-from flcore.run import RunResult, run_job
+from flcore import RunResult, run_job
 
 ACCURACY = "initial_validation_metric"
 

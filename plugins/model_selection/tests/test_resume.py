@@ -10,8 +10,7 @@ import pytest
 from flcore_model_selection import ModelSelectionHandler
 from selection_support import FailAt, digits_job, events
 
-from flcore.run import run_job
-from flcore.training import RunFailed
+from flcore import RunFailed, run_job
 
 CHAIN = ["model_selection", "fail"]
 

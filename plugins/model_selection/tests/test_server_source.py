@@ -21,8 +21,7 @@ from selection_support import (
     tensor_bytes,
 )
 
-from flcore.job import Job
-from flcore.run import run_job
+from flcore import Job, run_job
 from flcore.settings import build_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"

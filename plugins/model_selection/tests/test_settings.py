@@ -12,9 +12,9 @@ from flcore_model_selection import ModelSelectionHandler, ModelSelectionSettings
 from flcore_model_selection.settings import looks_lower_is_better
 from selection_support import digits_job
 
+from flcore import JobError, run_job
 from flcore.cli import main
-from flcore.errors import JobError
-from flcore.run import prepare, run_job
+from flcore.run import prepare
 from flcore.settings import build_settings
 
 
@@ -161,6 +161,28 @@ def test_weights_for_a_client_the_federation_lacks_are_refused(tmp_path: Path) -
     message = refused({"aggregation_weights": {"client-0": 2.0, "client-9": 1.0}}, tmp_path)
     assert "aggregation_weights: unknown client 'client-9'" in message
     assert "client-0, client-1, client-2" in message
+
+
+def test_weights_may_name_a_deployment_s_allowed_clients() -> None:
+    # A deployment's clients join only once the server runs; their names are the job's
+    # [job] allowed_clients, which check_job sees on every runtime.
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    job = digits_job(
+        selection={"aggregation_weights": {"hospital-a": 2}}, job={"allowed_clients": names}
+    )
+    training = prepare(job)
+    assert training.ctx.clients == tuple(names)
+    assert training.ctx.settings("model_selection").weight_of("hospital-a") == 2.0
+
+
+def test_weights_for_a_name_outside_allowed_clients_are_refused(tmp_path: Path) -> None:
+    names = {"allowed_clients": ["hospital-a", "hospital-b", "hospital-c"]}
+    job = digits_job(selection={"aggregation_weights": {"client-0": 2}}, job=names)
+    with pytest.raises(JobError) as caught:
+        run_job(job, out=tmp_path / "run")
+    assert "aggregation_weights: unknown client 'client-0'" in str(caught.value)
+    assert "hospital-a, hospital-b, hospital-c" in str(caught.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_server_source_needs_server_validation_first_in_the_chain(tmp_path: Path) -> None:
