@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from flcore.errors import FLCoreError, JobError
+from flcore import FLCoreError, JobError
 
 if TYPE_CHECKING:
     import torch
 
-    from flcore.context import FLContext
+    from flcore import ServerContext
 
 #: How the default evaluator is named in messages and in the event log.
 HOOK_EVALUATOR = "the chain's 'evaluate' hook"
@@ -45,9 +45,9 @@ class Evaluator:
 
     #: How messages name it: the import path, or :data:`HOOK_EVALUATOR`.
     name: str
-    function: Callable[[FLContext, torch.nn.Module, Any], Any] = attrs.field(repr=False)
+    function: Callable[[ServerContext, torch.nn.Module, Any], Any] = attrs.field(repr=False)
 
-    def __call__(self, ctx: FLContext, model: torch.nn.Module, data: Any) -> dict[str, float]:
+    def __call__(self, ctx: ServerContext, model: torch.nn.Module, data: Any) -> dict[str, float]:
         """Score ``model`` on ``data``; raise :class:`EvaluatorError` naming this evaluator."""
         try:
             result = self.function(ctx, model, data)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from flcore import hookimpl
-from flcore.errors import JobError
+from flcore import JobError, hookimpl
 from flcore_server_validation.evaluator import Evaluator, hook_evaluator, import_evaluator
 from flcore_server_validation.settings import ServerValidationSettings
 
 if TYPE_CHECKING:
-    from flcore.context import FLContext
+    from flcore import ServerContext
 
 #: The plugin's name in a job's chain and the key of its state in ``ctx.state``.
 PLUGIN_NAME: Final = "server_validation"
@@ -51,7 +50,7 @@ class ServerValidationHandler:
     # -- before training ----------------------------------------------------------------
 
     @hookimpl
-    def check_job(self, ctx: FLContext) -> None:
+    def check_job(self, ctx: ServerContext) -> None:
         """Refuse a job that cannot be validated: no ``server_data()``, an empty one, or an
         evaluator that cannot be imported."""
         where = ctx.job.where(f"plugins.{PLUGIN_NAME}")
@@ -66,7 +65,7 @@ class ServerValidationHandler:
         self.data = self._load_data(ctx)
 
     @hookimpl
-    def startup(self, ctx: FLContext) -> None:
+    def startup(self, ctx: ServerContext) -> None:
         evaluator, data = self._ready(ctx)
         if self.settings.num_rounds_per_valid > ctx.job.job.rounds:
             ctx.log.warning(
@@ -84,7 +83,7 @@ class ServerValidationHandler:
     # -- a round ------------------------------------------------------------------------
 
     @hookimpl
-    def after_aggregation(self, ctx: FLContext) -> None:
+    def after_aggregation(self, ctx: ServerContext) -> None:
         self._undo = None
         if not validation_due(ctx.round, ctx.job.job.rounds, self.settings.num_rounds_per_valid):
             return
@@ -102,7 +101,7 @@ class ServerValidationHandler:
         )
 
     @hookimpl
-    def rollback(self, ctx: FLContext) -> None:
+    def rollback(self, ctx: ServerContext) -> None:
         """A plugin later in ``after_aggregation`` failed: take this round's metrics back."""
         if self._undo is None:
             return
@@ -116,12 +115,12 @@ class ServerValidationHandler:
         ctx.log.info("server_validation_rolled_back", round=round)
 
     @hookimpl
-    def shutdown(self, ctx: FLContext) -> None:
+    def shutdown(self, ctx: ServerContext) -> None:
         self.data = None  # the server's data set may be large; the run is over
 
     # -- the evaluation -----------------------------------------------------------------
 
-    def validate(self, ctx: FLContext, weights: Any) -> dict[str, float]:
+    def validate(self, ctx: ServerContext, weights: Any) -> dict[str, float]:
         """Score ``weights`` on the server's data with the evaluator, in a fresh model.
 
         The evaluation runs under its own seed and restores torch's random state after, so a
@@ -130,7 +129,7 @@ class ServerValidationHandler:
         """
         import torch
 
-        from flcore.data import derive_seed, seed_torch
+        from flcore import derive_seed, seed_torch
 
         evaluator, data = self._ready(ctx)
         with torch.random.fork_rng(devices=[]):
@@ -140,22 +139,22 @@ class ServerValidationHandler:
             model.eval()
             return evaluator(ctx, model, data)
 
-    def _ready(self, ctx: FLContext) -> tuple[Evaluator, Any]:
+    def _ready(self, ctx: ServerContext) -> tuple[Evaluator, Any]:
         """The evaluator and the server's data, resolved once: by ``check_job`` on every path
-        through :func:`flcore.run.run_job`, here for a caller that drives a training itself."""
+        through :func:`flcore.run_job`, here for a caller that drives a training itself."""
         if self.evaluator is None:
             self.evaluator = self._resolve_evaluator(ctx)
         if self.data is None:
             self.data = self._load_data(ctx)
         return self.evaluator, self.data
 
-    def _resolve_evaluator(self, ctx: FLContext) -> Evaluator:
+    def _resolve_evaluator(self, ctx: ServerContext) -> Evaluator:
         path = self.settings.evaluator
         if path is None:
             return hook_evaluator()
         return import_evaluator(path, f"{ctx.job.where(f'plugins.{PLUGIN_NAME}')}.evaluator")
 
-    def _load_data(self, ctx: FLContext) -> Any:
+    def _load_data(self, ctx: ServerContext) -> Any:
         where = ctx.job.where(f"plugins.{PLUGIN_NAME}")
         try:
             data = ctx.task.server_data()

@@ -12,9 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from flcore import hookimpl
-from flcore.codec import load_file
-from flcore.job import Job
+from flcore import Job, hookimpl, load_tensors
 
 # -- jobs ---------------------------------------------------------------------------
 
@@ -52,7 +50,7 @@ def digits_job(
 def saved_model(run_dir: Path, round: int, task: Any) -> torch.nn.Module:
     """The global model a run kept for ``round`` (``keep_round_models``), loaded into the task's
     architecture and ready to evaluate."""
-    weights, _ = load_file(run_dir / "rounds" / f"{round:04d}" / "global_model.safetensors")
+    weights, _ = load_tensors(run_dir / "rounds" / f"{round:04d}" / "global_model.safetensors")
     model: torch.nn.Module = task.model()
     model.load_state_dict(weights)
     model.eval()

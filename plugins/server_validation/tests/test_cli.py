@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from server_validation_helpers import saved_model
 
+from flcore import Job
 from flcore.cli import main
-from flcore.job import Job
 from flcore.run import prepare
 
 REPO = Path(__file__).resolve().parents[3]

@@ -14,9 +14,7 @@ import pytest
 import torch
 from server_validation_helpers import DegradeAt, digits_job
 
-from flcore.codec import load_file
-from flcore.errors import FLCoreError
-from flcore.run import run_job
+from flcore import FLCoreError, load_tensors, run_job
 
 pytest.importorskip("flcore_model_selection")
 
@@ -39,8 +37,8 @@ def assert_best_is(run_dir: Path, round: int, value: float) -> None:
     record = json.loads((run_dir / "best_model.json").read_text())
     assert record["round"] == round
     assert record["metric"] == value
-    best, _ = load_file(run_dir / "best_model.safetensors")
-    kept, _ = load_file(run_dir / "rounds" / f"{round:04d}" / "global_model.safetensors")
+    best, _ = load_tensors(run_dir / "best_model.safetensors")
+    kept, _ = load_tensors(run_dir / "rounds" / f"{round:04d}" / "global_model.safetensors")
     assert best.keys() == kept.keys()
     assert all(torch.equal(best[name], kept[name]) for name in kept)
 

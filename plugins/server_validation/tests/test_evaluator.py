@@ -16,9 +16,8 @@ import torch
 from flcore_server_validation import EvaluatorError, checked_metrics
 from server_validation_helpers import digits_job, saved_model
 
-from flcore.errors import FLCoreError, JobError
-from flcore.run import prepare, run_job
-from flcore.training import RunFailed
+from flcore import FLCoreError, JobError, RunFailed, run_job
+from flcore.run import prepare
 
 EVALUATOR = "server_validation_helpers:top2_accuracy"
 

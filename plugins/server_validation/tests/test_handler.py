@@ -16,9 +16,8 @@ from server_validation_helpers import (
     digits_job,
 )
 
-from flcore.errors import FLCoreError, JobError
-from flcore.run import RunResult, prepare, run_job
-from flcore.training import RunFailed
+from flcore import FLCoreError, JobError, RunFailed, RunResult, run_job
+from flcore.run import prepare
 
 
 def lines(run_dir: Path, name: str) -> list[dict[str, Any]]:
@@ -159,7 +158,7 @@ def test_rollback_restores_what_the_round_replaced(tmp_path: Path) -> None:
     # The handler undoes its own writes, whatever the core restores after it.
     training = prepare(digits_job(rounds=3))
     ctx = training.ctx
-    handler: ServerValidationHandler = ctx.chain.plugin("server_validation")
+    handler = ServerValidationHandler(ctx.settings("server_validation"))
     ctx.global_model = training.initial_model()
     handler.startup(ctx)
     ctx.round = 1

@@ -9,8 +9,7 @@ import pytest
 from flcore_server_validation import ServerValidationSettings
 from server_validation_helpers import digits_job
 
-from flcore.errors import JobError
-from flcore.run import run_job
+from flcore import JobError, run_job
 
 
 def test_defaults_are_clara_s() -> None:
