@@ -11,16 +11,16 @@ data together.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flcore import codec
-from flcore.data import as_tensors, batches
-from flcore.errors import CodecError, FLCoreError
+from flcore import CodecError, FLCoreError, as_tensors, batches, decode_tensors, encode_tensors
 from flcore_swag.aggregation import weighted_moments
-from flcore_swag.moments import Payload
 from flcore_swag.posterior import BN, Posterior
+
+if TYPE_CHECKING:
+    from flcore import ClientContext, Payload
 
 REQUEST = "swag_batchnorm"
 MODEL = "model/"
@@ -126,24 +126,23 @@ def batchnorm_statistics(
 
 def request_payload(
     posterior: Posterior, global_model: Mapping[str, torch.Tensor], round: int
-) -> Payload:
+) -> bytearray:
     """What the server sends: the posterior (samples drawn the same way everywhere) and the
     global model (for the buffers a sample does not set)."""
     tensors, meta = posterior.to_payload()
     tensors.update({MODEL + k: v for k, v in global_model.items()})
-    return codec.encode(tensors, {"kind": REQUEST, "round": round, "posterior": meta})
+    return encode_tensors(tensors, {"kind": REQUEST, "round": round, "posterior": meta})
 
 
-def answer(ctx: Any, payload: Payload) -> Payload:
+def answer(ctx: ClientContext, payload: Payload) -> Payload:
     """A client's answer: per sample, the statistics of its training data."""
-    client = ctx.client
-    if client is None:
+    model = ctx.model
+    if model is None:
         raise FLCoreError(f"{REQUEST} runs on a client only")
     what = f"SWAG BatchNorm request sent to {ctx.client_id}"
-    tensors, meta = codec.decode(payload, what=what)
+    tensors, meta = decode_tensors(payload, what=what)
     if meta.get("kind") != REQUEST or not isinstance(meta.get("round"), int):
         raise CodecError(f"{what}: malformed")
-    model = client.model
     model.load_state_dict(
         {k.removeprefix(MODEL): v for k, v in tensors.items() if k.startswith(MODEL)}
     )
@@ -156,12 +155,12 @@ def answer(ctx: Any, payload: Payload) -> Payload:
     posterior.check_fits(model)
     ctx.round = meta["round"]
     out = {}
-    data = client.train_data
+    data = ctx.train_data
     for index, theta in enumerate(posterior.draws(posterior.samples)):
         posterior.load_sample(model, theta)
         for key, value in batchnorm_statistics(model, data, ctx.job.local.batch_size).items():
             out[f"{BN}{index}/{key}"] = value
-    return codec.encode(
+    return encode_tensors(
         out,
         {
             "kind": "swag_batchnorm_statistics",
@@ -182,7 +181,7 @@ def read_answer(
 ) -> tuple[int, list[dict[str, torch.Tensor]]]:
     """Check a client's answer: ``(num_samples, statistics of each sample)``."""
     what = f"SWAG BatchNorm statistics from {sender}"
-    tensors, meta = codec.decode(payload, what=what)
+    tensors, meta = decode_tensors(payload, what=what)
     if meta.get("kind") != "swag_batchnorm_statistics" or meta.get("client_id") != sender:
         raise CodecError(f"{what}: not this client's BatchNorm statistics")
     if meta.get("round") != round:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flcore.data import as_tensors, batches, derive_seed, seed_torch
-from flcore.defaults.evaluation import loss_function
-from flcore.errors import FLCoreError
-from flcore_swag.moments import ClientMoments, Payload, SnapshotMoments
+from flcore import FLCoreError, as_tensors, batches, derive_seed, loss_function, seed_torch
+from flcore_swag.moments import ClientMoments, SnapshotMoments
 from flcore_swag.settings import Settings
+
+if TYPE_CHECKING:
+    from flcore import ClientContext, Payload
 
 REQUEST = "swag_collect"
 
@@ -64,13 +65,13 @@ def sgd_snapshots(
                 return
 
 
-def collect(ctx: Any, payload: Payload, settings: Settings) -> Payload:
+def collect(ctx: ClientContext, payload: Payload, settings: Settings) -> Payload:
     """Answer a ``swag_collect`` request on a client: the reply is :class:`ClientMoments`."""
-    client = ctx.client
-    if client is None:
+    model = ctx.model
+    if model is None:
         raise FLCoreError("swag_collect runs on a client only")
-    client.receive(payload, "global model for SWAG")
-    data = client.train_data
+    ctx.receive(payload, "global model for SWAG")
+    data = ctx.train_data
     if len(data) == 0:
         raise FLCoreError(f"{ctx.client_id}: no training data to collect SWAG moments on")
     local = ctx.job.local
@@ -80,7 +81,7 @@ def collect(ctx: Any, payload: Payload, settings: Settings) -> Payload:
     moments = SnapshotMoments(settings.rank)
     losses: list[float] = []
     for params in sgd_snapshots(
-        client.model,
+        model,
         data,
         loss_function(ctx.task, data),
         lr=settings.lr if settings.lr is not None else local.lr,

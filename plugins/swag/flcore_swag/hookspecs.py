@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 from flcore import hookspec
 
 if TYPE_CHECKING:
-    from flcore.context import FLContext
+    from flcore import ServerContext
     from flcore_swag.moments import ClientMoments
     from flcore_swag.posterior import Posterior
 
 
 @hookspec
-def start_swag_round(ctx: FLContext, swag_round: int) -> None:
+def start_swag_round(ctx: ServerContext, swag_round: int) -> None:
     """A SWAG collection round begins (the DLR ``SWAGModelTrainer``'s SWAG round).
 
     Side: server. Fires after the round's snapshot was taken and ``ctx.round`` was advanced
@@ -26,7 +26,7 @@ def start_swag_round(ctx: FLContext, swag_round: int) -> None:
 
 
 @hookspec
-def receive_swag_moments(ctx: FLContext, moments: ClientMoments) -> bool | str | None:
+def receive_swag_moments(ctx: ServerContext, moments: ClientMoments) -> bool | str | None:
     """A client's SWAG moments arrived and passed the plugin's validation.
 
     Side: server. ``moments`` holds the client's mean, variance and deviation columns by
@@ -36,7 +36,7 @@ def receive_swag_moments(ctx: FLContext, moments: ClientMoments) -> bool | str |
 
 
 @hookspec
-def after_swag_aggregation(ctx: FLContext, posterior: Posterior) -> None:
+def after_swag_aggregation(ctx: ServerContext, posterior: Posterior) -> None:
     """The accepted moments were aggregated: ``posterior`` is the run's posterior so far.
 
     Side: server. Fires once per SWAG round, after moment matching (and the BatchNorm pass).
@@ -45,7 +45,7 @@ def after_swag_aggregation(ctx: FLContext, posterior: Posterior) -> None:
 
 
 @hookspec
-def end_swag_round(ctx: FLContext) -> None:
+def end_swag_round(ctx: ServerContext) -> None:
     """The SWAG round is complete: ``ctx.metrics`` holds its line of ``metrics.jsonl``.
 
     Side: server. Handlers may add entries to ``ctx.metrics``. After this event the posterior

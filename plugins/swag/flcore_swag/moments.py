@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
 
-from flcore import codec
-from flcore.errors import CodecError, ContributionRefused
+from flcore import CodecError, ContributionRefused, decode_tensors, encode_tensors
+
+if TYPE_CHECKING:
+    from flcore import Payload
 
 MEAN, VAR, DEV = "mean/", "var/", "dev/"
-#: A codec payload, as the core's codec writes it (or a runtime's buffer holds it).
-Payload = codec.Payload
 
 
 @attrs.frozen
@@ -178,12 +178,12 @@ class ClientMoments:
             "names": list(self.gaussian.names),
             "metrics": dict(self.metrics),
         }
-        return codec.encode(self.gaussian.to_tensors(), meta)
+        return encode_tensors(self.gaussian.to_tensors(), meta)
 
     @classmethod
     def decode(cls, payload: Payload, sender: str) -> ClientMoments:
         what = f"SWAG moments from {sender}"
-        tensors, meta = codec.decode(payload, what=what)
+        tensors, meta = decode_tensors(payload, what=what)
         if meta.get("kind") != "swag_moments":
             raise CodecError(f"{what}: payload is not SWAG moments (kind {meta.get('kind')!r})")
         for field, kind in (

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flcore import hookimpl
-from flcore.errors import JobError
+from flcore import JobError, hookimpl
 from flcore_swag import hookspecs
 from flcore_swag.settings import Settings as SWAGSettings
 
-if TYPE_CHECKING:
-    from flcore import codec  # torch: not imported to list plugins
+if TYPE_CHECKING:  # torch: not imported to list plugins
+    from flcore import ClientContext, Payload, ServerContext
 
 
 class SWAGPlugin:
@@ -27,8 +26,8 @@ class SWAGPlugin:
         self._loaded: tuple[Any, Any] | None = None  # (file key, posterior) of predict
 
     @hookimpl
-    def check_job(self, ctx: Any) -> None:
-        where = ctx.job.where("plugins.swag")
+    def check_job(self, ctx: ServerContext) -> None:
+        where = ctx.job.where(f"plugins.{ctx.name_of(self) or 'swag'}")
         if self.settings.lr is None and not ctx.job.local.lr > 0:
             raise JobError(
                 f"{where}.lr: SWAG collects at a constant, positive learning rate; "
@@ -38,15 +37,13 @@ class SWAGPlugin:
             raise JobError(f"{where}: the task's model has no parameters to put a posterior on")
 
     @hookimpl
-    def get_trainer_class(self, ctx: Any) -> type:
+    def get_trainer_class(self, ctx: ServerContext) -> type:
         from flcore_swag.trainer import SWAGModelTrainer
 
         return SWAGModelTrainer
 
     @hookimpl
-    def client_request(
-        self, ctx: Any, request: str, payload: codec.Payload
-    ) -> codec.Payload | None:
+    def client_request(self, ctx: ClientContext, request: str, payload: Payload) -> Payload | None:
         from flcore_swag import batchnorm, collect
 
         if request == collect.REQUEST:
@@ -56,7 +53,9 @@ class SWAGPlugin:
         return None
 
     @hookimpl
-    def predict(self, ctx: Any, model: Any, inputs: Any, samples: int | None) -> Any:
+    def predict(
+        self, ctx: ServerContext | ClientContext, model: Any, inputs: Any, samples: int | None
+    ) -> Any:
         posterior = self.posterior(ctx)
         if posterior is None:
             return None
@@ -65,7 +64,7 @@ class SWAGPlugin:
         return bayesian_model_average(model, posterior, inputs, samples or posterior.samples)
 
     @hookimpl
-    def end_swag_round(self, ctx: Any) -> None:
+    def end_swag_round(self, ctx: ServerContext) -> None:
         from flcore_swag.report import swag_round_line
 
         swag = ctx.metrics.get("swag", {})
@@ -75,7 +74,7 @@ class SWAGPlugin:
 
             print(swag_round_line(ctx, self.settings.rounds), file=sys.stderr, flush=True)
 
-    def posterior(self, ctx: Any) -> Any:
+    def posterior(self, ctx: ServerContext | ClientContext) -> Any:
         """The run's posterior: the one this run built, else ``swag.safetensors`` in the run
         directory (read once per file version), else ``None``."""
         built = ctx.state.get("swag", {}).get("posterior")

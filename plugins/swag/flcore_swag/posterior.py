@@ -16,8 +16,7 @@ from typing import Any
 import attrs
 import torch
 
-from flcore import codec
-from flcore.errors import CodecError, FLCoreError
+from flcore import CodecError, FLCoreError, load_tensors, save_tensors, write_atomic
 from flcore_swag.moments import DEV, MEAN, VAR, Gaussian
 
 FILE = "swag.safetensors"
@@ -167,8 +166,8 @@ class Posterior:
         """Write ``swag.safetensors`` atomically, and ``swag.json`` (its metadata, for people)."""
         tensors, meta = self.to_payload()
         path = run_dir / FILE
-        codec.save_file(path, tensors, meta)
-        codec.write_atomic(run_dir / SUMMARY, (json.dumps(meta, indent=2) + "\n").encode())
+        save_tensors(path, tensors, meta)
+        write_atomic(run_dir / SUMMARY, (json.dumps(meta, indent=2) + "\n").encode())
         return path
 
     @classmethod
@@ -215,7 +214,7 @@ class Posterior:
     @classmethod
     def load(cls, path: str | Path) -> Posterior:
         """Read a ``swag.safetensors``; a truncated or tampered file is a CodecError naming it."""
-        tensors, meta = codec.load_file(path)
+        tensors, meta = load_tensors(path)
         return cls.from_payload(tensors, meta, str(path))
 
 

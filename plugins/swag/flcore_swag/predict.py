@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from flcore.errors import FLCoreError
+from flcore import FLCoreError
 from flcore_swag.posterior import Posterior
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flcore import LoadedRun, ServerContext
 
 
-def swag_round_line(ctx: Any, rounds: int) -> str:
+def swag_round_line(ctx: ServerContext, rounds: int) -> str:
     """``swag round 1/1  clients 3/3  snapshots=60  rank=20 ...``"""
     swag = ctx.metrics.get("swag", {})
     parts = [
         f"swag round {ctx.metrics.get('swag_round', '?')}/{rounds}",
-        f"clients {len(ctx.metrics.get('clients', []))}/{ctx.job.job.clients}",
+        f"clients {len(ctx.metrics.get('clients', []))}/{len(ctx.clients)}",
     ]
     parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in swag.items()]
     if ctx.metrics.get("refused"):
@@ -20,28 +23,27 @@ def swag_round_line(ctx: Any, rounds: int) -> str:
 
 
 def uncertainty_report(
-    run: Any,
+    run: LoadedRun,
     inputs: Any,
     targets: Any,
     out_of_distribution: Mapping[str, Any],
     samples: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Score a finished run (:func:`flcore.predict.load_run`) both ways: the global model alone
+    """Score a finished run (:func:`flcore.load_run`) both ways: the global model alone
     and the run's ``predict`` (its posterior). For each: accuracy, NLL and ECE on the labelled
     in-distribution ``inputs``, and mean predictive entropy and mutual information on them and
     on every named out-of-distribution set, with the entropy's AUROC (in vs. out) and, for a
     posterior, the mutual information's."""
     import torch
 
-    from flcore.defaults.evaluation import predict as global_predict
-    from flcore.predict import predict
+    from flcore import global_model_prediction, predict_run
     from flcore_swag.metrics import accuracy, auroc, expected_calibration_error
     from flcore_swag.metrics import negative_log_likelihood as nll
 
     def answer(x: torch.Tensor, posterior: bool) -> dict[str, Any]:
         if posterior:
-            return predict(run, x, samples)
-        return global_predict(run.ctx, run.model, x)
+            return predict_run(run, x, samples)
+        return global_model_prediction(run.ctx, run.model, x)
 
     report = {}
     for label, posterior in (("global", False), ("posterior", True)):

@@ -13,35 +13,42 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from flcore import codec
-from flcore.data import derive_seed
-from flcore.errors import CodecError, ContributionRefused, RoundFailed
-from flcore.trainer import ModelTrainer, ModelTrainerEvent
+from flcore import (
+    CodecError,
+    ContributionRefused,
+    ModelTrainer,
+    ModelTrainerEvent,
+    RoundFailed,
+    derive_seed,
+    encode_tensors,
+)
 from flcore_swag import batchnorm, collect
 from flcore_swag.aggregation import moment_match
 from flcore_swag.moments import ClientMoments, check_moments
 from flcore_swag.posterior import Posterior
 from flcore_swag.settings import Settings
 
+if TYPE_CHECKING:
+    from flcore import ServerContext
+
 STATE = "swag"
 
 
-def swag_settings(ctx: Any) -> Settings:
-    """The settings of the chain's SWAG plugin, whatever name the chain gives it."""
-    from flcore_swag.plugin import SWAGPlugin
-
-    for name in ctx.chain.names:
-        plugin = ctx.chain.plugin(name)
-        if isinstance(plugin, SWAGPlugin):
-            return plugin.settings
+def swag_settings(ctx: ServerContext) -> Settings:
+    """The settings of the chain's SWAG plugin, whatever name the chain gives it (the
+    trainer is no plugin: it finds them among the job's validated sections)."""
+    for name in ctx.job.chain:
+        settings = ctx.settings(name)
+        if isinstance(settings, Settings):
+            return settings
     return Settings()
 
 
-def swag_state(ctx: Any) -> dict[str, Any]:
+def swag_state(ctx: ServerContext) -> dict[str, Any]:
     """``completed`` SWAG rounds, the ``posterior`` so far and its total ``weight``."""
     return ctx.state.setdefault(STATE, {"completed": 0, "posterior": None, "weight": 0.0})
 
@@ -59,7 +66,7 @@ class SWAGRoundFinished(ModelTrainerEvent):
 
 
 class SWAGModelTrainer(ModelTrainer):
-    """A :class:`~flcore.trainer.ModelTrainer` that ends a training with SWAG rounds."""
+    """A :class:`~flcore.ModelTrainer` that ends a training with SWAG rounds."""
 
     @property
     def settings(self) -> Settings:
@@ -81,16 +88,14 @@ class SWAGModelTrainer(ModelTrainer):
     # -- a SWAG round -----------------------------------------------------------------
 
     def start_swag_round(self) -> None:
-        """Snapshot, advance the round, fire ``start_swag_round``, collect the moments."""
+        """Begin the round (snapshot, round count, timer), fire ``start_swag_round``, collect
+        the moments of every client: a SWAG round samples no cohort."""
         ctx = self.ctx
-        ctx.metrics = {}
-        ctx.contributions = []
-        ctx.take_snapshot()
-        ctx.round += 1
+        self.begin_round()
+        ctx.cohort = ctx.clients
         state = swag_state(ctx)
         swag_round = state["completed"] + 1
         ctx.metrics["swag_round"] = swag_round
-        self.training.round_started = time.perf_counter()
         ctx.fire("start_swag_round", swag_round=swag_round)
         state["pending"] = self.collect_moments()
         self.dispatch(SWAGRoundFinished)
@@ -103,12 +108,12 @@ class SWAGModelTrainer(ModelTrainer):
         """Send the global model with a ``swag_collect`` request; keep the moments that pass
         validation and the chain's ``receive_swag_moments``; log the refused with a reason."""
         ctx = self.ctx
-        payload = codec.encode(ctx.global_model, {"kind": collect.REQUEST, "round": ctx.round})
+        payload = encode_tensors(ctx.global_model, {"kind": collect.REQUEST, "round": ctx.round})
         shapes = self.parameter_shapes()
         received: set[str] = set()
         accepted: list[ClientMoments] = []
         refused: dict[str, str] = {}
-        for result in self.runtime.run(ctx, collect.REQUEST, payload, self.training.clients):
+        for result in ctx.send_to_clients(collect.REQUEST, payload, ctx.clients):
             try:
                 if result.payload is None:
                     raise ContributionRefused(f"{result.client_id}: client failed: {result.error}")
@@ -118,7 +123,7 @@ class SWAGModelTrainer(ModelTrainer):
                     sender=result.client_id,
                     shapes=shapes,
                     round=ctx.round,
-                    clients=frozenset(self.training.clients),
+                    clients=frozenset(ctx.clients),
                     received=received,
                     max_rank=self.settings.rank,
                 )
@@ -139,7 +144,7 @@ class SWAGModelTrainer(ModelTrainer):
             accepted.append(moments)
         # Replies arrive in any order; aggregating in client order gives every runtime the
         # same float sums, hence byte-identical posteriors.
-        order = {name: i for i, name in enumerate(self.training.clients)}
+        order = {name: i for i, name in enumerate(ctx.clients)}
         accepted.sort(key=lambda m: order[m.client_id])
         ctx.metrics["clients"] = [m.client_id for m in accepted]
         if refused:
@@ -153,11 +158,11 @@ class SWAGModelTrainer(ModelTrainer):
         settings = self.settings
         state = swag_state(ctx)
         accepted: list[ClientMoments] = state.pop("pending", [])
-        needed = ctx.job.job.required_clients
+        needed = ctx.job.job.required_clients(len(ctx.clients))
         if len(accepted) < needed:
             raise RoundFailed(
                 f"SWAG round {state['completed'] + 1}: {len(accepted)} of "
-                f"{len(self.training.clients)} clients' moments accepted, {needed} needed "
+                f"{len(ctx.clients)} clients' moments accepted, {needed} needed "
                 f"([job] min_clients); refused: {ctx.metrics.get('refused', {})}"
             )
         components = [(m.gaussian, m.weight(settings.weight_by)) for m in accepted]
@@ -214,7 +219,7 @@ class SWAGModelTrainer(ModelTrainer):
         payload = batchnorm.request_payload(posterior, ctx.global_model, ctx.round)
         answers = {}
         clients = ctx.metrics["clients"]
-        for result in self.runtime.run(ctx, batchnorm.REQUEST, payload, clients):
+        for result in ctx.send_to_clients(batchnorm.REQUEST, payload, clients):
             try:
                 if result.payload is None:
                     raise CodecError(f"client failed: {result.error}")
@@ -246,12 +251,12 @@ class SWAGModelTrainer(ModelTrainer):
         ctx = self.ctx
         state = swag_state(ctx)
         ctx.metrics["round"] = ctx.round
-        ctx.metrics["seconds"] = round(time.perf_counter() - self.training.round_started, 4)
+        ctx.metrics["seconds"] = round(time.perf_counter() - self.round_started, 4)
         ctx.fire("end_swag_round")
         state["completed"] += 1
         if ctx.run_dir is not None:
             state["posterior"].save(ctx.run_dir)
-        self.training.commit_round()
+        self.commit_round()
         self.finish()
 
 

@@ -16,8 +16,7 @@ for path in (ROOT, TESTS):  # examples.digits, swag_helpers and swag_tasks impor
 
 from swag_helpers import EXAMPLE_JOB  # noqa: E402
 
-from flcore.job import Job  # noqa: E402
-from flcore.run import RunResult, run_job  # noqa: E402
+from flcore import Job, RunResult, run_job  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ from flcore_swag.collect import sgd_snapshots
 from torch.utils.data import TensorDataset
 
 from examples.digits import MLP, Task
-from flcore.job import Job
+from flcore import Job
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLE_JOB = ROOT / "examples" / "digits" / "swag.toml"

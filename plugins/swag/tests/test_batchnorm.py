@@ -9,6 +9,7 @@ import attrs
 import numpy as np
 import pytest
 import torch
+from flcore_swag import SWAGPlugin
 from flcore_swag.batchnorm import batchnorm_statistics, pool, statistic_names
 from flcore_swag.posterior import Posterior
 from flcore_swag.predict import bayesian_model_average
@@ -16,14 +17,17 @@ from swag_helpers import digits_shards, swag_job
 from swag_tasks import BatchNormMLP
 from torch.utils.data import TensorDataset
 
-from flcore import codec, hookimpl
-from flcore.chain import Chain
-from flcore.client import Client
-from flcore.errors import FLCoreError
+from flcore import (
+    ClientHost,
+    FLCoreError,
+    decode_tensors,
+    encode_tensors,
+    hookimpl,
+    load_run,
+    predict_run,
+    run_job,
+)
 from flcore.logging import make_logger
-from flcore.predict import load_run, predict
-from flcore.run import run_job
-from flcore.task import load_task
 
 
 def _first_layer_inputs(model: BatchNormMLP, data: TensorDataset) -> np.ndarray:
@@ -80,12 +84,12 @@ def test_every_sample_gets_the_statistics_of_all_clients_data(batchnorm_run: Any
     assert len(posterior.batchnorm) == posterior.samples == 4
     assert result.history[-1]["swag"]["batchnorm_samples"] == 4
     # the clients' training splits, as the run made them
-    task = load_task(job)
-    clients = [Client(job, task, Chain.for_job(job), i, make_logger(None)) for i in range(3)]
+    host = ClientHost(job.to_toml(), job.source, range(3), None, make_logger(None))
+    clients = list(host.clients.values())
     union = TensorDataset(
         *(torch.cat([c.train_data.tensors[i] for c in clients]) for i in range(2))
     )
-    model = task.model()
+    model = clients[0].model
     means = []
     for index, theta in enumerate(posterior.draws(4)):
         posterior.load_sample(model, theta)
@@ -101,13 +105,13 @@ def test_predictions_use_each_samples_statistics(batchnorm_run: Any) -> None:
     _, result = batchnorm_run
     run = load_run(result.run_dir)
     inputs = digits_shards(1)[0].tensors[0][:50]
-    with_stats = predict(run, inputs)
+    with_stats = predict_run(run, inputs)
     assert with_stats["samples"] == 4
     posterior = Posterior.load(result.run_dir / "swag.safetensors")
     stale = bayesian_model_average(run.model, attrs.evolve(posterior, batchnorm=()), inputs, 4)
     assert not torch.allclose(with_stats["probabilities"], stale["probabilities"])
     with pytest.raises(FLCoreError, match="BatchNorm statistics for 4 samples"):
-        predict(run, inputs, samples=5)
+        predict_run(run, inputs, samples=5)
 
 
 def test_without_bn_update_samples_keep_the_global_statistics(tmp_path: Path) -> None:
@@ -127,10 +131,10 @@ class BadStatistics:
     ) -> bytes | bytearray | None:
         if request != "swag_batchnorm" or ctx.client_id != "client-1":
             return None
-        honest = ctx.chain.plugin("swag").client_request(ctx, request, payload)
-        tensors, meta = codec.decode(honest)
+        honest = SWAGPlugin(ctx.settings("swag")).client_request(ctx, request, payload)
+        tensors, meta = decode_tensors(honest)
         tensors["bn/0/norm.running_var"] = -tensors["bn/0/norm.running_var"]
-        return codec.encode(tensors, meta)
+        return encode_tensors(tensors, meta)
 
 
 def test_bad_batchnorm_statistics_are_refused(tmp_path: Path) -> None:

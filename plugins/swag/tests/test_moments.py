@@ -12,8 +12,7 @@ import torch
 from flcore_swag.moments import ClientMoments, Gaussian, SnapshotMoments, check_moments
 from swag_helpers import digits_shards, flat, flat_columns, snapshots
 
-from flcore import codec
-from flcore.errors import CodecError, ContributionRefused
+from flcore import CodecError, ContributionRefused, decode_tensors, encode_tensors
 
 
 def _moments(shots: list[dict[str, torch.Tensor]], rank: int) -> Gaussian:
@@ -103,9 +102,9 @@ def _check(moments: ClientMoments, shapes: dict[str, tuple[int, ...]], **kw: Any
 def _tamper(
     payload: bytes | bytearray, change: Callable[[dict[str, torch.Tensor], dict[str, Any]], None]
 ) -> bytes | bytearray:
-    tensors, meta = codec.decode(payload)
+    tensors, meta = decode_tensors(payload)
     change(tensors, meta)
-    return codec.encode(tensors, meta)
+    return encode_tensors(tensors, meta)
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, torch.Tensor], dict[str, Any]], None]:

@@ -15,8 +15,7 @@ from flcore_swag.moments import SnapshotMoments
 from flcore_swag.posterior import Posterior
 from swag_helpers import digits_shards, snapshots
 
-from flcore import codec
-from flcore.errors import CodecError, FLCoreError
+from flcore import CodecError, FLCoreError, load_tensors, save_tensors
 
 
 def _posterior(model: torch.nn.Module, rank: int = 4, clients: int = 2, **kw: Any) -> Posterior:
@@ -132,7 +131,7 @@ def test_a_posterior_survives_a_model_whose_names_do_not_sort_in_order(
     registered = tuple(n for n, _ in model.named_parameters())
     assert posterior.names == registered and list(registered) != sorted(registered)
     posterior.save(tmp_path)
-    tensors, _ = codec.load_file(tmp_path / "swag.safetensors")
+    tensors, _ = load_tensors(tmp_path / "swag.safetensors")
     assert [k.removeprefix("mean/") for k in tensors if k.startswith("mean/")] != list(registered)
     loaded = Posterior.load(tmp_path / "swag.safetensors")
     assert loaded.names == registered
@@ -167,9 +166,9 @@ def test_a_truncated_posterior_file_is_a_clear_error(
 
 
 def _rewrite(path: Path, change: Any) -> None:
-    tensors, meta = codec.load_file(path)
+    tensors, meta = load_tensors(path)
     change(tensors, meta)
-    codec.save_file(path, tensors, meta)
+    save_tensors(path, tensors, meta)
 
 
 @pytest.mark.parametrize(

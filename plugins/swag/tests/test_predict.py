@@ -19,10 +19,9 @@ from flcore_swag.posterior import Posterior
 from flcore_swag.predict import bayesian_model_average, entropy
 from swag_helpers import ROOT, swag_job
 
-from flcore import codec
-from flcore.errors import CodecError, HandlerFailed
-from flcore.predict import PredictError, load_run, predict, read_inputs
-from flcore.run import run_job
+from flcore import CodecError, HandlerFailed, load_run, load_tensors, run_job, save_tensors
+from flcore import predict_run as predict
+from flcore.predict import PredictError, read_inputs
 
 FIELDS = {
     "index",
@@ -82,7 +81,7 @@ def test_the_average_is_over_probabilities_and_the_uncertainties_add_up(
     torch.testing.assert_close(result["probabilities"].sum(-1), torch.ones(40, dtype=torch.float64))
     assert result["samples"] == 6 and "SWAG posterior (6 samples" in result["method"]
     # the caller's model is left as it was
-    weights, _ = codec.load_file(small_run / "global_model.safetensors")
+    weights, _ = load_tensors(small_run / "global_model.safetensors")
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
@@ -117,8 +116,8 @@ def test_predictions_are_reproducible(small_run: Path, digits: Any) -> None:
 def test_inputs_are_read_from_npy_and_safetensors(tmp_path: Path, digits: Any) -> None:
     x = digits[0][:5]
     np.save(tmp_path / "x.npy", x.numpy())
-    codec.save_file(tmp_path / "one.safetensors", {"whatever": x})
-    codec.save_file(tmp_path / "named.safetensors", {"inputs": x, "labels": digits[1][:5]})
+    save_tensors(tmp_path / "one.safetensors", {"whatever": x})
+    save_tensors(tmp_path / "named.safetensors", {"inputs": x, "labels": digits[1][:5]})
     for name in ("x.npy", "one.safetensors", "named.safetensors"):
         assert torch.equal(read_inputs(tmp_path / name), x)
     np.save(tmp_path / "ints.npy", (x.numpy() * 16).astype(np.int64))
@@ -142,13 +141,13 @@ def test_inputs_are_read_from_npy_and_safetensors(tmp_path: Path, digits: Any) -
         (lambda p: (p / "in.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy"),
         (lambda p: (p / "in.csv").write_text("1,2\n"), "must be .npy or .safetensors"),
         (
-            lambda p: codec.save_file(
+            lambda p: save_tensors(
                 p / "in.safetensors", {"a": torch.zeros(2, 64), "b": torch.zeros(2, 64)}
             ),
             "name the inputs 'inputs'",
         ),
         (
-            lambda p: codec.save_file(p / "in.safetensors", {"inputs": torch.zeros(2, 64) > 0}),
+            lambda p: save_tensors(p / "in.safetensors", {"inputs": torch.zeros(2, 64) > 0}),
             "real numbers",
         ),
     ],
@@ -161,7 +160,7 @@ def test_bad_inputs_are_refused(tmp_path: Path, make: Any, reason: str) -> None:
 
 
 def test_a_truncated_inputs_file_is_a_codec_error(tmp_path: Path) -> None:
-    codec.save_file(tmp_path / "in.safetensors", {"inputs": torch.zeros(4, 64)})
+    save_tensors(tmp_path / "in.safetensors", {"inputs": torch.zeros(4, 64)})
     data = (tmp_path / "in.safetensors").read_bytes()
     (tmp_path / "in.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CodecError, match="truncated"):
@@ -247,7 +246,7 @@ def test_flcore_predict_writes_csv_and_honours_samples(
     example_run: Any, tmp_path: Path, digits: Any
 ) -> None:
     inputs = tmp_path / "inputs.safetensors"
-    codec.save_file(inputs, {"inputs": digits[0][:9]})
+    save_tensors(inputs, {"inputs": digits[0][:9]})
     out = tmp_path / "predictions.csv"
     done = _flcore(
         "predict", str(example_run.run_dir), str(inputs), "--samples", "5", "--out", str(out)

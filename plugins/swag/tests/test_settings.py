@@ -10,7 +10,7 @@ import pytest
 from flcore_swag import Settings
 from swag_helpers import EXAMPLE_JOB, swag_job
 
-from flcore.errors import FLCoreError, JobError
+from flcore import FLCoreError, JobError
 from flcore.run import prepare
 
 

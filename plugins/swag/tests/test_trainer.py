@@ -10,18 +10,27 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flcore_swag import Settings, SWAGPlugin
 from flcore_swag.collect import schedule, sgd_snapshots
 from flcore_swag.moments import ClientMoments
 from flcore_swag.posterior import Posterior
 from flcore_swag.trainer import SWAGModelTrainer, SWAGRoundFinished
 from swag_helpers import flat, flat_columns, swag_job
 
-from flcore import codec, hookimpl
-from flcore.client import Client
+from flcore import (
+    ClientHost,
+    ModelTrainer,
+    RunFailed,
+    decode_tensors,
+    derive_seed,
+    encode_tensors,
+    hookimpl,
+    load_tensors,
+    run_job,
+)
 from flcore.logging import make_logger
-from flcore.run import run_job
-from flcore.trainer import ModelTrainer, resolve_event
-from flcore.training import RunFailed
+from flcore.run import prepare
+from flcore.trainer import resolve_event
 
 
 class Recorder:
@@ -134,11 +143,11 @@ def test_metrics_and_the_posterior_land_in_the_run_directory(recorded: Any) -> N
 def test_swag_rounds_leave_the_global_model_alone(recorded: Any) -> None:
     _, result = recorded
     final = (result.run_dir / "global_model.safetensors").read_bytes()
-    trained, _ = codec.load_file(result.run_dir / "rounds" / "0002" / "global_model.safetensors")
+    trained, _ = load_tensors(result.run_dir / "rounds" / "0002" / "global_model.safetensors")
     for number in ("0003", "0004"):
-        kept, _ = codec.load_file(result.run_dir / "rounds" / number / "global_model.safetensors")
+        kept, _ = load_tensors(result.run_dir / "rounds" / number / "global_model.safetensors")
         assert all(torch.equal(kept[k], trained[k]) for k in trained)
-    weights, _ = codec.decode(final)
+    weights, _ = decode_tensors(final)
     assert all(torch.equal(weights[k], trained[k]) for k in trained)
 
 
@@ -157,14 +166,9 @@ def test_one_client_gives_centralised_swag(tmp_path: Path) -> None:
     result = run_job(job, out=tmp_path / "run")
     posterior = Posterior.load(result.run_dir / "swag.safetensors")
 
-    from flcore.chain import Chain
-    from flcore.data import derive_seed
-    from flcore.task import load_task
-
-    task = load_task(job)
-    client = Client(job, task, Chain.for_job(job), 0, make_logger(None))
-    client.model.load_state_dict(codec.load_file(result.run_dir / "global_model.safetensors")[0])
-    steps, every = schedule(posterior_settings(job), len(client.train_data), 32)
+    (client,) = ClientHost(job.to_toml(), job.source, [0], None, make_logger(None)).clients.values()
+    client.model.load_state_dict(load_tensors(result.run_dir / "global_model.safetensors")[0])
+    steps, every = schedule(prepare(job).ctx.settings("swag"), len(client.train_data), 32)
     seed = derive_seed(job.job.seed, "swag", 3, "client-0")
     torch.manual_seed(seed)
     shots = [
@@ -199,14 +203,6 @@ def test_one_client_gives_centralised_swag(tmp_path: Path) -> None:
     )
 
 
-def posterior_settings(job: Any) -> Any:
-    from flcore_swag import Settings
-
-    from flcore.settings import build_settings
-
-    return build_settings(Settings, job.plugin_sections["swag"], "swag")
-
-
 # -- bad clients, failures and rollback ------------------------------------------------
 
 
@@ -224,8 +220,8 @@ class Saboteur:
             return None
         if self.how == "garbage":
             return b"\x00" * 40
-        honest = ctx.chain.plugin("swag").client_request(ctx, request, payload)
-        tensors, meta = codec.decode(honest)
+        honest = SWAGPlugin(ctx.settings("swag")).client_request(ctx, request, payload)
+        tensors, meta = decode_tensors(honest)
         if self.how == "nan":
             key = next(k for k in tensors if k.startswith("mean/"))
             tensors[key] = torch.full_like(tensors[key], float("nan"))
@@ -235,7 +231,7 @@ class Saboteur:
             meta["names"] = [n for n in meta["names"] if n != "4.bias"]
         elif self.how == "late":
             meta["round"] = meta["round"] - 1
-        return codec.encode(tensors, meta)
+        return encode_tensors(tensors, meta)
 
 
 @pytest.mark.parametrize(
@@ -324,10 +320,14 @@ def test_a_retried_swag_round_is_a_swag_round(tmp_path: Path) -> None:
     assert posterior.info["swag_rounds"] == 1 and posterior.info["snapshots"] == 12
 
 
-def test_the_swag_trainer_is_only_picked_with_swag_in_the_chain(tmp_path: Path) -> None:
-    from flcore.run import prepare
+def test_the_swag_trainer_is_only_picked_with_swag_in_the_chain() -> None:
+    assert prepare(swag_job()).trainer_class() is SWAGModelTrainer
+    assert prepare(swag_job(chain=[])).trainer_class() is ModelTrainer
 
-    with_swag = prepare(swag_job())
-    without = prepare(swag_job(chain=[]))
-    assert type(ModelTrainer(with_swag)) is SWAGModelTrainer
-    assert type(ModelTrainer(without)) is ModelTrainer
+
+def test_the_trainer_reads_the_swag_settings_under_any_chain_name() -> None:
+    job = swag_job(chain=["uq"], swag=None, plugins={"uq": {"rounds": 3, "rank": 2}})
+    training = prepare(job, extra_plugins={"uq": SWAGPlugin})
+    trainer = training.trainer_class()(training)
+    assert isinstance(trainer, SWAGModelTrainer)
+    assert trainer.settings == Settings(rounds=3, rank=2)
