@@ -1,20 +1,24 @@
 """The body of one Ray actor: a few virtual clients, built once from the job's TOML text.
 
-Like a worker of the core's process pool, an actor builds its own chain (a PluginManager
-cannot be sent), loads its clients' data once and keeps one model for all of them. Requests
-arrive as the codec's bytes through Ray's object store; replies leave as the codec's bytes.
-Nothing here imports ray at module level: the class is wrapped by ``ray.remote`` on use.
+Like a worker of the core's process pool, an actor hosts its clients in a
+:class:`flcore.ClientHost` (its own chain, since a PluginManager cannot be sent; its clients'
+data loaded once; one model for all of them). Requests arrive as the codec's bytes through
+Ray's object store; replies leave as the codec's bytes. Nothing here imports ray at module
+level: the class is wrapped by ``ray.remote`` on use.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-#: What an actor answers for one client: the codec reply, or why there is none.
-Answer = tuple[bytes | bytearray | None, str | None]
+if TYPE_CHECKING:
+    from flcore import ClientHost, Payload
+
+    #: What an actor answers for one client: the codec reply, or why there is none.
+    Answer = tuple[Payload | None, str | None]
 
 
 class ClientActor:
@@ -24,7 +28,7 @@ class ClientActor:
         self, job_text: str, source: str, indices: list[int], run_dir: str | None, threads: int
     ) -> None:
         self.fatal: str | None = None
-        self.clients: dict[str, Any] = {}
+        self.host: ClientHost | None = None
         self.payload_ref: Any = None
         self.payload: bytearray | None = None
         try:
@@ -35,28 +39,20 @@ class ClientActor:
     def _build(
         self, job_text: str, source: str, indices: list[int], run_dir: str | None, threads: int
     ) -> None:
-        import importlib
-
         import torch
 
-        from flcore.chain import Chain
-        from flcore.client import Client, client_name
-        from flcore.job import Job
-        from flcore.logging import make_logger
-        from flcore.runtime.pool import PRELOAD
-        from flcore.task import load_task
+        from flcore import ClientHost, preload_client_modules
 
         torch.set_num_threads(threads)  # the same float results as every other runtime
-        for module in PRELOAD:  # what the first round would import lazily: now, in parallel
-            importlib.import_module(module)
-        # the run's event log when this node sees the run directory (a local cluster)
-        events = Path(run_dir) / "events.jsonl" if run_dir and Path(run_dir).is_dir() else None
-        log = make_logger(events, console_level="critical").bind(worker=f"ray-{os.getpid()}")
-        job = Job.from_dict(tomllib.loads(job_text), source=source)
-        task = load_task(job)
-        chain = Chain.for_job(job)
-        shared = task.model()
-        self.clients = {client_name(i): Client(job, task, chain, i, log, shared) for i in indices}
+        preload_client_modules()  # what the first round would import lazily: now, in parallel
+        # The run directory when this node sees it (a local cluster): the run's event log,
+        # and each client's state kept there for a resumed run. Elsewhere the state lives
+        # in this actor's memory only.
+        seen = run_dir if run_dir is not None and Path(run_dir).is_dir() else None
+        log = event_log(Path(seen) / "events.jsonl" if seen else None)
+        log = log.bind(worker=f"ray-{os.getpid()}")
+        self.host = ClientHost(job_text, source, indices, seen, log)
+        log.info("ray_actor_started", clients=sorted(self.host.clients))
 
     def ready(self) -> tuple[int, str | None]:
         """This actor's process id, and why it could not start (``None``: it is ready)."""
@@ -67,19 +63,40 @@ class ClientActor:
         Ray does not resolve it per call): fetched and copied once per actor per request."""
         import ray
 
-        from flcore.errors import FLCoreError
-
-        if self.fatal is not None:
+        if self.host is None:
             return None, f"its Ray actor could not start: {self.fatal}"
         ref = payload_refs[0]
-        if ref != self.payload_ref:
+        if ref != self.payload_ref or self.payload is None:
+            self.host.request_done()  # the last request's decoded payload goes with it
             self.payload_ref, self.payload = None, None
             self.payload = bytearray(ray.get(ref))  # writable: clients decode it without copies
             self.payload_ref = ref
-        try:
-            reply = self.clients[client].handle(request, self.payload)
-        except FLCoreError as err:
-            return None, str(err)
-        except Exception as err:  # the user's code on a client may fail in any way
-            return None, f"{type(err).__name__}: {err}"
-        return reply, None
+        return self.host.answer(client, request, self.payload)
+
+
+def event_log(path: Path | None) -> Any:
+    """A structlog logger appending the events of this actor's clients to the run's
+    ``events.jsonl`` as JSON lines, as the server's own log writes them; without a path,
+    one that drops every event."""
+    import structlog
+
+    if path is None:
+        return structlog.wrap_logger(None, processors=[_drop], context_class=dict)
+    file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (the actor's life)
+    return structlog.wrap_logger(
+        structlog.WriteLogger(file),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(default=str),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
+
+
+def _drop(logger: Any, method: str, event: Any) -> Any:
+    import structlog
+
+    raise structlog.DropEvent

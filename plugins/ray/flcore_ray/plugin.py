@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from flcore import hookimpl
-from flcore.errors import JobError
+from flcore import JobError, hookimpl
 from flcore_ray.settings import RaySettings
+
+if TYPE_CHECKING:
+    from flcore import ServerContext
+    from flcore_ray.runtime import RayRuntime
 
 #: The runtime name this plugin provides in ``[job] runtime``.
 RUNTIME_NAME = "ray"
@@ -21,7 +24,7 @@ class RayPlugin:
         self.settings = settings if settings is not None else RaySettings()
 
     @hookimpl
-    def check_job(self, ctx: Any) -> None:
+    def check_job(self, ctx: ServerContext) -> None:
         job = ctx.job
         if job.job.runtime == RUNTIME_NAME and job.job.workers > 0:
             raise JobError(
@@ -30,7 +33,7 @@ class RayPlugin:
             )
 
     @hookimpl
-    def startup(self, ctx: Any) -> None:
+    def startup(self, ctx: ServerContext) -> None:
         # a warning, not a refusal: --set job.runtime=embedded compares runtimes on one file
         if ctx.job.job.runtime != RUNTIME_NAME:
             ctx.log.warning(
@@ -40,7 +43,7 @@ class RayPlugin:
             )
 
     @hookimpl
-    def get_runtime(self, ctx: Any) -> Any:
+    def get_runtime(self, ctx: ServerContext) -> RayRuntime | None:
         if ctx.job.job.runtime != RUNTIME_NAME:
             return None
         from flcore_ray.runtime import RayRuntime

@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flcore.client import client_name
-from flcore.codec import Payload
-from flcore.context import FLContext
-from flcore.errors import FLCoreError
-from flcore.runtime.base import ClientResult, Runtime, job_for_remote_clients
+from flcore import ClientResult, FLCoreError, Runtime, client_job_text
 from flcore_ray.actor import ClientActor
 from flcore_ray.settings import RaySettings
+
+if TYPE_CHECKING:
+    from flcore import Payload, ServerContext
 
 
 def read_answer(value: Any, client: str) -> ClientResult:
@@ -52,7 +51,7 @@ class RayRuntime(Runtime):
 
     # -- start ------------------------------------------------------------------------
 
-    def connect(self, ctx: FLContext) -> None:
+    def connect(self, ctx: ServerContext) -> None:
         """Join the Ray instance this process is already in, or the one the settings name."""
         import ray
 
@@ -87,14 +86,15 @@ class RayRuntime(Runtime):
             fit = min(fit, math.floor(resources.get("GPU", 0.0) / s.gpus_per_client + 1e-9))
         return max(1, min(fit, clients))
 
-    def start(self, ctx: FLContext) -> list[str]:
+    def start(self, ctx: ServerContext) -> list[str]:
         # refuses plugins given in Python with client-side hooks; server-only ones stay here
-        job_text = job_for_remote_clients(ctx, "runtime", "Ray actors")
+        job_text = client_job_text(ctx, "runtime", "Ray actors")
         import ray
 
         self.connect(ctx)
         s = self.settings
-        n_clients = ctx.job.job.clients
+        names = ctx.job.client_names
+        n_clients = len(names)
         count = self.actor_count(n_clients)
         run_dir = str(ctx.run_dir) if ctx.run_dir else None
         remote = ray.remote(ClientActor).options(
@@ -109,14 +109,14 @@ class RayRuntime(Runtime):
                 remote.remote(job_text, ctx.job.source, indices, run_dir, ctx.job.job.threads)
             )
             for i in indices:
-                self.assignment[client_name(i)] = a
+                self.assignment[names[i]] = a
         ctx.log.info(
             "ray_actors", actors=count, clients=n_clients, resources=ray.available_resources()
         )
         self.await_ready(ctx, count)
-        return [client_name(i) for i in range(n_clients)]
+        return list(names)
 
-    def await_ready(self, ctx: FLContext, count: int) -> None:
+    def await_ready(self, ctx: ServerContext, count: int) -> None:
         import ray
 
         s = self.settings
@@ -138,7 +138,7 @@ class RayRuntime(Runtime):
                 raise FLCoreError(f"Ray actor {a} could not start: {fatal}")
             self.pids.append(pid)
 
-    def recover(self, ctx: FLContext) -> None:
+    def recover(self, ctx: ServerContext) -> None:
         """Wait for the actors that lost calls: restarted ones (their clients' data loaded
         again) take requests again, those Ray gave up on are gone for the rest of the run."""
         import ray
@@ -166,7 +166,7 @@ class RayRuntime(Runtime):
     # -- run --------------------------------------------------------------------------
 
     def run(
-        self, ctx: FLContext, request: str, payload: Payload, clients: Sequence[str]
+        self, ctx: ServerContext, request: str, payload: Payload, clients: Sequence[str]
     ) -> Iterator[ClientResult]:
         import numpy as np
         import ray
@@ -214,7 +214,7 @@ class RayRuntime(Runtime):
 
     # -- stop -------------------------------------------------------------------------
 
-    def stop(self, ctx: FLContext) -> None:
+    def stop(self, ctx: ServerContext) -> None:
         import ray
 
         if ray.is_initialized():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flcore.job import Job
+from flcore import Job
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parents[2]

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from flcore_ray.runtime import read_answer
 
-from flcore import codec
+from flcore import encode_tensors
 
 
 def test_a_reply_or_an_error_is_passed_on() -> None:
-    payload = codec.encode({}, {"kind": "x"})
+    payload = encode_tensors({}, {"kind": "x"})
     assert read_answer((payload, None), "client-3").payload == payload
     assert read_answer((bytes(payload), None), "client-3").error is None
     failed = read_answer((None, "ValueError: no"), "client-3")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from ray_helpers import ROOT
 
-from flcore.job import Job
-from flcore.run import run_job
+from flcore import Job, run_job
 
 JOB = """
 [job]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flcore_ray import RaySettings
+from flcore_ray.runtime import RayRuntime
 from ray_helpers import ray_job
 
-from flcore import hookimpl
-from flcore.errors import FLCoreError
-from flcore.run import run_job
+from flcore import FLCoreError, hookimpl, run_job
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -53,12 +53,23 @@ def test_100_clients_on_ray_give_the_embedded_runtimes_weights(tmp_path: Path) -
     assert _cpus_back(2.0), "the run's actors still hold the cluster's CPUs"
 
 
+def test_clients_are_named_as_the_job_names_them(tmp_path: Path) -> None:
+    names = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    job = ray_job(job={"clients": 4, "rounds": 1, "allowed_clients": names})
+    result = run_job(job, out=tmp_path / "run")
+    assert result.history[-1]["clients"] == names
+    started = [e for e in _events(tmp_path / "run") if e["event"] == "ray_actor_started"]
+    assert sorted(c for e in started for c in e["clients"]) == names  # the actors' own log
+    assert _cpus_back(2.0)
+
+
 class KillActor:
     """Server side only: in round ``round``, holds client-1 (actor 1's first client) on a
-    marker file, and kills actor 1's process with SIGKILL once the first contribution is in."""
+    marker file, and kills actor 1's process with SIGKILL once the first contribution is in.
+    ``runtime`` is the run's, which the test hands to ``run_job``: it knows the actors' pids."""
 
-    def __init__(self, marker: Path, round: int) -> None:
-        self.marker, self.round, self.killed = marker, round, False
+    def __init__(self, marker: Path, round: int, runtime: RayRuntime) -> None:
+        self.marker, self.round, self.runtime, self.killed = marker, round, runtime, False
 
     @hookimpl
     def send_global_model(self, ctx: Any) -> None:
@@ -69,7 +80,7 @@ class KillActor:
     def receive_contribution(self, ctx: Any) -> None:
         if ctx.round == self.round and not self.killed:
             self.killed = True
-            os.kill(ctx.training.runtime.pids[1], signal.SIGKILL)
+            os.kill(self.runtime.pids[1], signal.SIGKILL)
             self.marker.unlink()
 
 
@@ -78,14 +89,16 @@ def test_an_actor_killed_mid_round_fails_only_its_clients(
     tmp_path: Path, max_restarts: int
 ) -> None:
     marker = tmp_path / "stall"
+    settings = {"actors": 2, "max_restarts": max_restarts}
     job = ray_job(
         ["ray", "kill"],
         job={"task": "ray_tasks", "clients": 12, "rounds": 3, "min_clients": 4},
         task={"stall_client": 1, "stall_marker": str(marker)},
-        **{"plugins.ray": {"actors": 2, "max_restarts": max_restarts}},
+        **{"plugins.ray": settings},
     )
-    killer = KillActor(marker, round=2)
-    result = run_job(job, out=tmp_path / "run", extra_plugins={"kill": killer})
+    runtime = RayRuntime(RaySettings(**settings))
+    killer = KillActor(marker, round=2, runtime=runtime)
+    result = run_job(job, out=tmp_path / "run", extra_plugins={"kill": killer}, runtime=runtime)
     assert killer.killed
     rounds = _rounds(tmp_path / "run")
     everyone = [f"client-{i}" for i in range(12)]

@@ -11,9 +11,8 @@ import pytest
 from flcore_ray import RayPlugin, RaySettings
 from ray_helpers import ray_job
 
-from flcore import hookimpl
-from flcore.errors import JobError
-from flcore.run import prepare, run_job
+from flcore import JobError, hookimpl, run_job
+from flcore.run import prepare
 
 
 @pytest.mark.parametrize(
