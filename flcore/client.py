@@ -110,10 +110,18 @@ class Client:
                 saved = self.store.load(before_round=round_)
                 if saved is not None:
                     ctx.state = dict(saved)
-        if round_ > self.state_round:
-            self.state_round, self.state_before = round_, copy.deepcopy(ctx.state)
-        elif round_ == self.state_round:
+        if round_ == self.state_round:
             ctx.state = copy.deepcopy(self.state_before)
+            return
+        if round_ < self.state_round:  # a server resumed from an earlier round than we saw
+            if self.store is None and (ctx.state or self.state_before):
+                raise CodecError(
+                    f"{self.name}: asked to train round {round_} after round "
+                    f"{self.state_round}, with no saved state to go back to"
+                )
+            saved = self.store.load(before_round=round_) if self.store is not None else None
+            ctx.state = dict(saved or {})
+        self.state_round, self.state_before = round_, copy.deepcopy(ctx.state)
 
     def keep_state(self) -> None:
         """Write ``ctx.state`` for the round just answered (nothing while it is empty)."""

@@ -93,7 +93,8 @@ def process_trainer_task(trainer: ModelTrainer, event_cls: type[ModelTrainerEven
     The event may be given by its registered name, so a queue that carries plain values can
     dispatch it as well as the embedded loop.
     """
-    trainer.handle_cls(resolve_event(event_cls))
+    event = resolve_event(event_cls)
+    trainer.handle_cls(event)
 
 
 @attrs.frozen
@@ -355,9 +356,10 @@ class ModelTrainer:
             self.start_round()
 
     def commit_round(self) -> None:
-        """The round is done and is never rolled back: the training writes it."""
-        self.snapshot = None
+        """The round is done and is never rolled back: the training writes it (a plugin's
+        ``save_state`` may still fail it, and then it is rolled back)."""
         self.training.commit_round()
+        self.snapshot = None
 
     def finish(self) -> None:
         """The last round is committed: collect the clients' best models if they are kept."""

@@ -59,6 +59,7 @@ class Training:
         self.history: list[dict[str, Any]] = []
         self.runtime: Any = None
         self.trainer: ModelTrainer | None = None
+        self.trainer_cls: type[ModelTrainer] = ModelTrainer
         self.writer = DurableWriter()
         #: Failed attempts of the round in progress (reset when a round commits).
         self.attempts = 0
@@ -90,10 +91,11 @@ class Training:
                 f"{self.job.where('job')}.runtime: no plugin provides runtime "
                 f"{self.job.job.runtime!r} (the core provides 'embedded')"
             )
-        self.trainer_class()
+        self.trainer_cls = self.trainer_class()
 
     def trainer_class(self) -> type[ModelTrainer]:
-        """The class ``get_trainer_class`` answers; two plugins answering is an error."""
+        """The class ``get_trainer_class`` answers (asked once, by :meth:`check`); two
+        plugins answering is an error."""
         answers = [(n, a) for n, a in self.ctx._chain.answers("get_trainer_class", self.ctx)]
         mine = [(n, a) for n, a in answers if not n.startswith("core.")]
         if len(mine) > 1:
@@ -132,7 +134,7 @@ class Training:
                     )
             if self.runtime is None:
                 self.check()
-            trainer = self.trainer = self.trainer_class()(self, self.options)
+            trainer = self.trainer = self.trainer_cls(self, self.options)
             started = True
             self._guard(lambda: ctx.fire("startup"), "startup")
             if saved_state is not None:
@@ -256,18 +258,18 @@ class Training:
     def commit_round(self) -> None:
         """The round is complete: write its metrics line, the global model and the checkpoint."""
         ctx = self.ctx
-        self.completed_round = ctx.round
-        self.attempts = 0
         line = dict(ctx.metrics)
-        self.history.append(line)
         if self.run_dir is None:
+            self._committed(line)
             return
+        # The plugins' state first: a save_state that fails fails the round, uncommitted.
+        state, tensors = self.plugin_state()
+        self._committed(line)
         with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, default=str) + "\n")
         # The global model's file is the checkpoint: the round and the plugins' saved state
         # travel in its metadata, so one atomic rename commits them together. Tensors of the
         # plugins' state go to a file of the round's own, written just before it.
-        state, tensors = self.plugin_state()
         meta: dict[str, Any] = {"round": ctx.round, "job": self.job.job.name, "state": state}
         files: list[tuple[Path, bytes | bytearray]] = []
         if tensors:
@@ -288,6 +290,11 @@ class Training:
         files.append((self.run_dir / CHECKPOINT, json.dumps(checkpoint, indent=2).encode()))
         self.writer.submit(files)
         self._prune_state_files(ctx.round)
+
+    def _committed(self, line: dict[str, Any]) -> None:
+        self.completed_round = self.ctx.round
+        self.attempts = 0
+        self.history.append(line)
 
     def _prune_state_files(self, round_: int) -> None:
         """Keep the plugin-state tensors of this round and the one before (the last one

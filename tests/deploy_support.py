@@ -46,10 +46,12 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class Deployment:
-    """Starts processes in ``folder``; :meth:`close` kills every one still running."""
+    """Starts processes in ``folder`` with ``python`` (default: this one); :meth:`close` kills
+    every one still running."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, python: Path | None = None) -> None:
         self.folder = folder
+        self.python = str(python) if python is not None else sys.executable
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def certs(self, name: str = "certs", clients: tuple[str, ...] = ()) -> Path:
@@ -67,7 +69,7 @@ class Deployment:
 
     def flcore(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "flcore", *args],
+            [self.python, "-m", "flcore", *args],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -78,7 +80,7 @@ class Deployment:
         path = self.folder / log
         with open(path, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flcore", *args],
+                [self.python, "-m", "flcore", *args],
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -144,9 +146,9 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployment_in(folder: Path) -> Iterator[Deployment]:
+def deployment_in(folder: Path, python: Path | None = None) -> Iterator[Deployment]:
     """A :class:`Deployment` whose processes are all killed on leaving."""
-    dep = Deployment(folder)
+    dep = Deployment(folder, python)
     try:
         yield dep
     finally:

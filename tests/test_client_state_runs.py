@@ -113,3 +113,56 @@ def test_per_client_state_is_the_same_on_every_runtime_and_survives_sigkill(
     assert resumed.returncode == 0, resumed.stderr
     assert (cut / "global_model.safetensors").read_bytes() == whole
     assert client_counts(cut) == client_counts(runs[0])
+
+
+def test_a_deployed_client_keeps_its_state_on_its_own_disk(
+    plugin_env_python: Path, tmp_path: Path
+) -> None:
+    from tests.deploy_support import deployment_in
+
+    names = ("hospital-a", "hospital-b", "hospital-c")
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+[job]
+name = "counting"
+task = "examples.digits"
+rounds = 3
+clients = 3
+clients_per_round = 2
+allowed_clients = {json.dumps(list(names))}
+heartbeat_interval = 2.0
+
+[task]
+hidden = 8
+
+[plugins]
+chain = ["round_counter"]
+"""
+    )
+    simulated = tmp_path / "simulated"
+    done = flcore_run(plugin_env_python, str(job), "--out", str(simulated))
+    assert done.returncode == 0, done.stderr
+    with deployment_in(tmp_path / "deploy", plugin_env_python) as dep:
+        (tmp_path / "deploy").mkdir()
+        dep.certs(clients=names)
+        run = tmp_path / "deploy" / "run"
+        server, address = dep.server(job, run)
+        state = tmp_path / "deploy" / "state"
+        clients = [dep.client(address, n, job, "--state-dir", str(state)) for n in names]
+        assert dep.wait(server) == 0, dep.log(server)
+        for client in clients:
+            assert dep.wait(client) == 0, dep.log(client)
+    assert (run / "global_model.safetensors").read_bytes() == (
+        simulated / "global_model.safetensors"
+    ).read_bytes()
+    deployed = {}
+    for name in names:
+        if not (state / name).exists():  # in no round's cohort
+            continue
+        folders = list((state / name).iterdir())  # one folder: this server run's
+        assert [f.name for f in folders] == [run.name]
+        newest = max(folders[0].glob("state-*.safetensors"))
+        value, _ = saved_state.load(newest)
+        deployed[name] = (value["rounds"], value["trace"].tolist())
+    assert deployed == client_counts(simulated)

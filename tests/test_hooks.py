@@ -180,9 +180,10 @@ def test_hook_check_job(spied: tuple[Spy, RunResult], tmp_path: Path) -> None:
 
 def test_hook_startup(spied: tuple[Spy, RunResult]) -> None:
     spy, _ = spied
-    assert [c[0] for c in spy.calls[:4]] == [
+    assert [c[0] for c in spy.calls[:5]] == [
         "check_job",
         "get_runtime",
+        "get_trainer_class",  # asked once, before training: two answers are a job error
         "startup",
         "client_register",
     ]
@@ -418,7 +419,7 @@ def test_hook_predict(job_factory: Any) -> None:
     chain = Chain.for_job(job)
     ctx = ServerContext(job=job, task=load_task(job), chain=chain, log=make_logger())
     model = torch.nn.Linear(4, 3)
-    out = ctx.ask("predict", model=model, inputs=torch.randn(5, 4))
+    out = ctx.ask("predict", model=model, inputs=torch.randn(5, 4), samples=None)
     assert out["probabilities"].shape == (5, 3)
     assert torch.allclose(out["probabilities"].sum(-1), torch.ones(5))
     assert out["prediction"].tolist() == out["probabilities"].argmax(-1).tolist()

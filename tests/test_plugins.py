@@ -105,6 +105,16 @@ class Replaces:
         cli.add_command(click.Command("run"))
 
 
+def test_hook_register_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    monkeypatch.setattr(plugins_module, "_command_plugins", lambda report: [("adds", Adds)])
+    cli = click.Group("flcore")
+    add_plugin_commands(cli, lambda line: None)
+    result = CliRunner().invoke(cli, ["hello"])
+    assert result.exit_code == 0 and result.output == "hello\n"
+
+
 def test_a_plugin_that_raises_or_replaces_a_core_command_adds_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

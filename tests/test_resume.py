@@ -75,7 +75,11 @@ def test_hook_save_state(tmp_path: Path) -> None:
         def save_state(self, ctx: Any) -> Any:
             return {"x": object()}
 
-    with pytest.raises(RunFailed, match="'bad': save_state returned non-JSON"):
+    with pytest.raises(
+        RunFailed,
+        match=r"Round 1 failed: plugin 'bad': save_state returned state\['x'\]: an object is "
+        r"neither JSON nor a tensor.*No round had completed",
+    ):
         run_job(small_job(["bad"]), out=tmp_path / "bad", extra_plugins={"bad": NotJson()})
 
 

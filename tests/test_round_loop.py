@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,35 +83,18 @@ def test_rollback_reaches_every_plugin_of_the_round_once_the_raiser_included(
     assert rollbacks == ["c", "b", "a"]
 
 
-def test_retry_with_max_retries_2_makes_exactly_3_attempts_then_exits_1(tmp_path: Path) -> None:
-    (tmp_path / "always_fails.py").write_text(
-        "from flcore import hookimpl\n"
-        "class AlwaysFails:\n"
-        "    @hookimpl\n"
-        "    def after_aggregation(self, ctx):\n"
-        "        raise RuntimeError('always')\n"
-    )
+def test_retry_with_max_retries_2_makes_exactly_3_attempts_then_exits_1(
+    plugin_env_python: Path, tmp_path: Path
+) -> None:
     job = tmp_path / "job.toml"
     job.write_text(
         '[job]\nname = "retry"\ntask = "examples.digits"\nrounds = 2\nclients = 2\n'
         'on_error = "retry"\nmax_retries = 2\n[task]\nhidden = 8\n'
-        '[plugins]\nchain = ["always_fails"]\n'
-    )
-    script = (
-        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
-        "from always_fails import AlwaysFails\n"
-        "from flcore.job import Job\n"
-        "from flcore.run import run_job\n"
-        "from flcore.training import RunFailed\n"
-        "try:\n"
-        "    run_job(Job.load(sys.argv[3]), out=sys.argv[4],"
-        " extra_plugins={'always_fails': AlwaysFails()})\n"
-        "except RunFailed as err:\n"
-        "    print(err, file=sys.stderr); sys.exit(1)\n"
+        '[plugins]\nchain = ["failing"]\n[plugins.failing]\nround = 1\n'
     )
     out = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path), str(ROOT), str(job), str(out)],
+        [str(plugin_env_python), "-m", "flcore", "run", str(job), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -120,9 +102,11 @@ def test_retry_with_max_retries_2_makes_exactly_3_attempts_then_exits_1(tmp_path
     )
     assert done.returncode == 1, done.stderr
     assert "tried 3 time(s) in all ([job] max_retries = 2)" in done.stderr
+    assert "Traceback" not in done.stderr
     failed = events(out, "round_failed")
     assert [(e["round"], e["attempt"]) for e in failed] == [(1, 1), (1, 2), (1, 3)]
     assert [e["attempt"] for e in events(out, "round_retry")] == [2, 3]
+    assert not (out / "metrics.jsonl").exists()  # no round was ever committed
 
 
 def test_retries_count_per_round_and_a_committed_round_starts_afresh(tmp_path: Path) -> None:

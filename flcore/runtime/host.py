@@ -27,7 +27,12 @@ def client_state_dir(run_dir: str | Path | None, name: str) -> Path | None:
 
 
 class ClientHost:
-    """The clients at ``indices`` of the job in ``job_text``, ready to answer requests."""
+    """The clients at ``indices`` of the job in ``job_text``, ready to answer requests.
+
+    ``log`` is where the clients' events go; ``None`` makes one that appends them to
+    ``RUN_DIR/events.jsonl`` when ``run_dir`` is a directory this process sees (else drops
+    them), each line marked with ``worker``. It is :attr:`log`, for the host's own events.
+    """
 
     def __init__(
         self,
@@ -35,12 +40,21 @@ class ClientHost:
         source: str,
         indices: Sequence[int],
         run_dir: str | Path | None,
-        log: Any,
+        log: Any = None,
+        worker: str | None = None,
     ) -> None:
         from flcore.chain import Chain
         from flcore.client import Client, RequestMemo
         from flcore.job import Job
+        from flcore.logging import make_logger
         from flcore.task import load_task
+
+        if log is None:
+            seen = run_dir is not None and Path(run_dir).is_dir()
+            events = Path(run_dir) / "events.jsonl" if seen and run_dir is not None else None
+            log = make_logger(events, console_level="critical")
+        self.log = log.bind(worker=worker) if worker is not None else log
+        log = self.log
 
         job = Job.from_dict(tomllib.loads(job_text), source=source)
         task = load_task(job)

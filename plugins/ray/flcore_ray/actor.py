@@ -9,7 +9,6 @@ level: the class is wrapped by ``ray.remote`` on use.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,10 +48,8 @@ class ClientActor:
         # and each client's state kept there for a resumed run. Elsewhere the state lives
         # in this actor's memory only.
         seen = run_dir if run_dir is not None and Path(run_dir).is_dir() else None
-        log = event_log(Path(seen) / "events.jsonl" if seen else None)
-        log = log.bind(worker=f"ray-{os.getpid()}")
-        self.host = ClientHost(job_text, source, indices, seen, log)
-        log.info("ray_actor_started", clients=sorted(self.host.clients))
+        self.host = ClientHost(job_text, source, indices, seen, worker=f"ray-{os.getpid()}")
+        self.host.log.info("ray_actor_started", clients=sorted(self.host.clients))
 
     def ready(self) -> tuple[int, str | None]:
         """This actor's process id, and why it could not start (``None``: it is ready)."""
@@ -72,31 +69,3 @@ class ClientActor:
             self.payload = bytearray(ray.get(ref))  # writable: clients decode it without copies
             self.payload_ref = ref
         return self.host.answer(client, request, self.payload)
-
-
-def event_log(path: Path | None) -> Any:
-    """A structlog logger appending the events of this actor's clients to the run's
-    ``events.jsonl`` as JSON lines, as the server's own log writes them; without a path,
-    one that drops every event."""
-    import structlog
-
-    if path is None:
-        return structlog.wrap_logger(None, processors=[_drop], context_class=dict)
-    file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (the actor's life)
-    return structlog.wrap_logger(
-        structlog.WriteLogger(file),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(default=str),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        context_class=dict,
-        cache_logger_on_first_use=False,
-    )
-
-
-def _drop(logger: Any, method: str, event: Any) -> Any:
-    import structlog
-
-    raise structlog.DropEvent
