@@ -96,3 +96,61 @@ def test_swag_adds_a_posterior_and_predict_uses_it(run_dir: Path, tmp_path: Path
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 5
     assert {"prediction", "predictive_entropy", "mutual_information"} <= set(rows[0])
+
+
+def test_a_custom_stack_composes_in_one_chain(tmp_path: Path) -> None:
+    """A sampled cohort, FedProx and a clip on the clients, an update filter out of each
+    client and into the server, FedAvgM on the server and model selection: one chain, each
+    part visibly at work."""
+    from typing import Any
+
+    from flcore import hookimpl, run_job
+    from tests.conftest import small_job
+    from tests.fixtures.test_plugins.flcore_test_plugins.algorithms import (
+        ClipAfterStep,
+        Proximal,
+        ServerMomentum,
+    )
+
+    seen: dict[str, int] = {"sent": 0, "received": 0}
+
+    class Noise:
+        @hookimpl
+        def send_update(self, ctx: Any, weights: dict[str, Any]) -> None:
+            seen["sent"] += 1
+            for name, w in weights.items():
+                if w.is_floating_point():
+                    weights[name] = w + 1e-4 * torch.randn_like(w)
+
+    class Bound:
+        @hookimpl
+        def receive_contribution(self, ctx: Any, contribution: Any) -> None:
+            seen["received"] += 1
+            for name, w in contribution.weights.items():
+                contribution.weights[name] = w.clamp(-0.2, 0.2)
+
+    chain = ["proximal", "clip", "noise", "bound", "momentum", "model_selection"]
+    job = small_job(
+        chain,
+        job={"clients": 6, "clients_per_round": 3, "rounds": 3},
+        **{
+            "plugins.proximal": {"mu": 0.01},
+            "plugins.clip": {"bound": 0.3},
+            "plugins.momentum": {"beta": 0.5},
+        },
+    )
+    plugins = {
+        "proximal": Proximal,
+        "clip": ClipAfterStep,
+        "noise": Noise,
+        "bound": Bound,
+        "momentum": ServerMomentum,
+    }
+    result = run_job(job, out=tmp_path / "run", extra_plugins=plugins)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [len(line["cohort"]) for line in lines] == [3, 3, 3]
+    assert seen == {"sent": 9, "received": 9}  # three clients a round, both filters
+    assert (result.run_dir / "best_model.safetensors").exists()
+    _, meta = codec.load_file(result.global_model_path)
+    assert set(meta["state"]) == {"momentum", "model_selection"}
+    assert meta["state_tensors"] == "plugin_state/0003.safetensors"
