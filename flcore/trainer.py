@@ -305,11 +305,11 @@ class ModelTrainer:
             new = ctx.ask("aggregate", contributions=list(ctx.contributions))
         if new is None:
             raise RoundFailed(f"round {ctx.round}: no plugin answered 'aggregate'")
-        problems = _mismatches(new, ctx.global_model)
+        problems = _mismatches(new, ctx.global_model) or _non_finite(new)
         if problems:
             raise RoundFailed(f"round {ctx.round}: aggregate returned a bad model: {problems}")
         updated = ctx.ask("server_update", previous=ctx.global_model, aggregate=new)
-        problems = _mismatches(updated, ctx.global_model)
+        problems = _mismatches(updated, ctx.global_model) or _non_finite(updated)
         if problems:
             raise RoundFailed(f"round {ctx.round}: server_update returned a bad model: {problems}")
         ctx.global_model = dict(updated)
@@ -431,3 +431,12 @@ def _mismatches(new: Any, reference: Any) -> str:
         ):
             return f"tensor {name!r} has a different shape or dtype"
     return ""
+
+
+def _non_finite(model: dict[str, Any]) -> str:
+    """Colluding clients whose every contribution is finite can still average to ``inf``:
+    a global model is checked as a whole before it replaces the last one."""
+    from flcore.contribution import all_finite
+
+    bad = [name for name, tensor in model.items() if not all_finite(tensor)]
+    return f"NaN or infinite values in {bad[:5]}" if bad else ""

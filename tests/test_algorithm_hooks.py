@@ -202,3 +202,22 @@ def test_a_server_filter_that_leaves_a_nan_refuses_the_contribution(tmp_path: Pa
 
     with pytest.raises(RunFailed, match="after receive_contribution: client-0: tensor 'weight'"):
         run_job(linear_job(["poison"]), tmp_path / "run", extra_plugins={"poison": Poison()})
+
+
+def test_a_global_model_that_is_not_finite_fails_the_round_and_keeps_the_last(
+    tmp_path: Path,
+) -> None:
+    from flcore import codec
+
+    class Overflow:  # two finite contributions whose mean is inf, as two colluders can send
+        @hookimpl
+        def server_update(self, ctx: Any, previous: Any) -> Any:
+            if ctx.round == 2:
+                return {"weight": torch.full((1, 1), float("inf"))}
+            return None
+
+    job = linear_job(["overflow"], rounds=2)
+    with pytest.raises(RunFailed, match=r"round 2: server_update returned a bad model: NaN or"):
+        run_job(job, tmp_path / "run", extra_plugins={"overflow": Overflow()})
+    weights, meta = codec.load_file(tmp_path / "run" / "global_model.safetensors")
+    assert meta["round"] == 1 and float(weights["weight"].item()) == pytest.approx(0.64)
