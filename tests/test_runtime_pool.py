@@ -61,7 +61,9 @@ def test_plugins_given_in_python_cannot_cross_into_workers(tmp_path: Path) -> No
         )
 
 
-def test_a_worker_that_dies_fails_only_its_clients(plugin_env_python: Path, tmp_path: Path) -> None:
+def test_a_worker_that_dies_fails_only_its_clients_and_is_restarted(
+    plugin_env_python: Path, tmp_path: Path
+) -> None:
     job = tmp_path / "job.toml"
     job.write_text("""
 [job]
@@ -94,11 +96,14 @@ round = 2
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[0]["clients"] == ["client-0", "client-1", "client-2", "client-3"]
-    # worker 1 held client-1 and client-3: both fail from round 2 on, the others go on
+    # worker 1 held client-1 and client-3: both fail in round 2, the others go on; the
+    # worker is started again before the next request, and its clients rejoin
     assert rounds[1]["clients"] == ["client-0", "client-2"]
     assert any("worker process died" in r for r in rounds[1]["refused"])
-    assert rounds[2]["clients"] == ["client-0", "client-2"]
-    assert any("is gone" in r for r in rounds[2]["refused"])
+    assert rounds[2]["clients"] == ["client-0", "client-1", "client-2", "client-3"]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    restarted = [e for e in events if e["event"] == "worker_restarted"]
+    assert [(e["worker"], e["clients"]) for e in restarted] == [(1, ["client-1", "client-3"])]
 
 
 def test_a_swag_posterior_is_the_same_from_workers(tmp_path: Path) -> None:

@@ -185,6 +185,16 @@ def _context(task_module: str) -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def _await_ready(conn: Connection) -> str | None:
+    """Wait for a new worker's first message: ``None`` when it is ready, else why not."""
+    try:
+        header = json.loads(conn.recv_bytes())
+    except (EOFError, OSError):
+        return "the worker process died while starting"
+    fatal = header.get("fatal")
+    return str(fatal) if fatal is not None else None
+
+
 class ProcessPoolRuntime(Runtime):
     """``[job] workers = N``: N worker processes, clients dealt to them round-robin."""
 
@@ -193,50 +203,72 @@ class ProcessPoolRuntime(Runtime):
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
         self.assignment: dict[str, int] = {}
+        self.indices: list[list[int]] = []
+        self.job_text = ""
+        self.mp: Any = None
         self.threads = TorchThreads()
 
     def start(self, ctx: ServerContext) -> list[str]:
-        job_text = job_for_remote_clients(ctx, "workers", "worker processes")
         # The server's own work (reading, checking, folding) runs between the workers': with
         # more torch threads, idle OpenMP threads spin on the cores the workers train on
         # (measured: 4 CPU-seconds instead of 1 in case B2, and rounds 30 % slower).
         self.threads.hold(1)
+        self.job_text = job_for_remote_clients(ctx, "workers", "worker processes")
+        self.mp = _context(ctx.job.job.task.partition(":")[0])
         n_clients = ctx.job.job.clients
         names = ctx.job.client_names
         workers = min(self.workers, n_clients)
-        threads = ctx.job.job.threads
-        mp = _context(ctx.job.job.task.partition(":")[0])
-        for w in range(workers):
-            indices = list(range(w, n_clients, workers))
-            parent, child = mp.Pipe()
-            proc = mp.Process(
-                target=worker_main,
-                args=(
-                    child,
-                    job_text,
-                    ctx.job.source,
-                    indices,
-                    str(ctx.run_dir) if ctx.run_dir else None,
-                    threads,
-                ),
-                daemon=True,
-                name=f"flcore-worker-{w}",
-            )
-            proc.start()
-            child.close()
+        self.indices = [list(range(w, n_clients, workers)) for w in range(workers)]
+        for w, indices in enumerate(self.indices):
+            proc, conn = self._spawn(ctx, w)
             self.procs.append(proc)
-            self.conns.append(parent)
+            self.conns.append(conn)
             for i in indices:
                 self.assignment[names[i]] = w
         for w, conn in enumerate(self.conns):
-            try:
-                header = json.loads(conn.recv_bytes())
-            except EOFError:
-                header = {"fatal": "the worker process died while starting"}
-            if "fatal" in header:
+            fatal = _await_ready(conn)
+            if fatal is not None:
                 self.stop(ctx)
-                raise FLCoreError(f"worker {w} could not start: {header['fatal']}")
+                raise FLCoreError(f"worker {w} could not start: {fatal}")
         return list(names)
+
+    def _spawn(self, ctx: ServerContext, w: int) -> tuple[Any, Connection]:
+        parent, child = self.mp.Pipe()
+        proc = self.mp.Process(
+            target=worker_main,
+            args=(
+                child,
+                self.job_text,
+                ctx.job.source,
+                self.indices[w],
+                str(ctx.run_dir) if ctx.run_dir else None,
+                ctx.job.job.threads,
+            ),
+            daemon=True,
+            name=f"flcore-worker-{w}",
+        )
+        proc.start()
+        child.close()
+        return proc, parent
+
+    def restart_dead(self, ctx: ServerContext) -> None:
+        """A worker that died (killed, out of memory) is started again before the next
+        request, so its clients rejoin instead of missing every later round; their
+        per-client state comes back from the run directory. A worker that cannot start again
+        leaves its clients failing this request, each with the reason."""
+        for w, proc in enumerate(self.procs):
+            if proc.is_alive():
+                continue
+            code = proc.exitcode
+            self.conns[w].close()
+            new, conn = self._spawn(ctx, w)
+            fatal = _await_ready(conn)
+            self.procs[w], self.conns[w] = new, conn
+            clients = [n for n, i in self.assignment.items() if i == w]
+            if fatal is None:
+                ctx.log.warning("worker_restarted", worker=w, exit_code=code, clients=clients)
+            else:
+                ctx.log.error("worker_restart_failed", worker=w, error=fatal, clients=clients)
 
     def run(
         self, ctx: ServerContext, request: str, payload: Payload, clients: Sequence[str]
@@ -250,6 +282,7 @@ class ProcessPoolRuntime(Runtime):
         of clients. A consumer that stops early leaves nothing behind: the rest of the
         round's replies are read and dropped, so the next request starts clean.
         """
+        self.restart_dead(ctx)
         by_worker: dict[int, list[str]] = {}
         for name in clients:
             by_worker.setdefault(self.assignment[name], []).append(name)
