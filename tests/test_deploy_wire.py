@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,24 @@ def test_a_bad_stream_is_refused_with_its_reason(messages: list[bytes], reason: 
     with pytest.raises(wire.WireError) as info:
         wire.receive(messages, 100, "reply")
     assert reason in str(info.value)
+
+
+def test_a_declared_size_costs_nothing_until_its_bytes_arrive() -> None:
+    import tracemalloc
+
+    def header_then_a_chunk() -> Iterator[bytes]:
+        yield wire.pack({"size": 1 << 40})  # a terabyte, declared
+        yield b"x" * 1000
+        peak.append(tracemalloc.get_traced_memory()[1])
+
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.WireError, match="truncated reply: 1000 of the 1099511627776"):
+            wire.receive(header_then_a_chunk(), 1 << 40, "reply")
+    finally:
+        tracemalloc.stop()
+    assert peak[0] < 1 << 20  # memory follows the bytes received, not the declared size
 
 
 def test_certs_chain_to_the_federations_ca(tmp_path: Path) -> None:

@@ -69,10 +69,10 @@ def stream(
 def receive(
     messages: Iterable[bytes], max_size: int, what: str, on_header: Any = None
 ) -> tuple[dict[str, Any], bytearray]:
-    """Read one streamed message: its header and payload, into one buffer of the declared
-    size. Refuses (``WireError``) a malformed header, a size above ``max_size``, more bytes
-    than declared and a stream that ends early. ``on_header(header)`` may refuse the
-    message before its payload is read."""
+    """Read one streamed message: its header and payload, into one buffer that grows as
+    chunks arrive (never past the declared size). Refuses (``WireError``) a malformed
+    header, a size above ``max_size``, more bytes than declared and a stream that ends
+    early. ``on_header(header)`` may refuse the message before its payload is read."""
     it = iter(messages)
     try:
         first = next(it)
@@ -89,13 +89,11 @@ def receive(
         )
     if on_header is not None:
         on_header(header)
-    buffer = bytearray(size)
-    got = 0
+    buffer = bytearray()  # grows with what arrives: a declared size costs nothing
     for chunk in it:
-        if got + len(chunk) > size:
+        if len(buffer) + len(chunk) > size:
             raise WireError(f"oversized {what}: more than the {size} bytes its header declares")
-        buffer[got : got + len(chunk)] = chunk
-        got += len(chunk)
-    if got < size:
-        raise WireError(f"truncated {what}: {got} of the {size} bytes its header declares")
+        buffer += chunk
+    if len(buffer) < size:
+        raise WireError(f"truncated {what}: {len(buffer)} of the {size} bytes its header declares")
     return header, buffer
