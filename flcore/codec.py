@@ -1,7 +1,9 @@
 """The one serialization between server and clients: safetensors for tensors, JSON for the rest.
 
 Nothing here unpickles or evaluates: safetensors holds raw tensor bytes with a JSON
-header, and the extra metadata travels as one JSON string inside that header.
+header, and the extra metadata travels as one JSON string inside that header. Decoding is
+total: any bytes give the weights or a :class:`CodecError` with the reason, at a cost
+bounded per byte (nesting, sizes and offsets are checked before anything relies on them).
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import json
 import math
 import operator
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
+import numpy as np
 import torch
 
 from flcore.errors import CodecError
@@ -28,6 +32,12 @@ Payload = bytes | bytearray | memoryview
 META_KEY = "flcore"
 #: Largest header accepted: a header is names and shapes, never megabytes.
 MAX_HEADER = 100 * 1024 * 1024
+#: Deepest JSON nesting of a header or of the metadata in it. A header nests three deep and
+#: honest metadata a few more; what is deeper only overflows a parser's (or a check's) stack.
+MAX_DEPTH = 64
+#: Bound (exclusive) on a shape entry and on the product of a shape's non-zero entries:
+#: torch keeps sizes and strides as signed 64-bit integers.
+MAX_DIM = 2**62
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -44,6 +54,52 @@ DTYPES: dict[str, torch.dtype] = {
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 #: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"))
+#: A backslash escape in a JSON string, paired from the left as a parser pairs them.
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+#: Bytes looked at per vectorized step of the depth scan: its temporaries stay small.
+_SCAN = 1 << 20
+
+
+def nesting_within(text: bytes | str, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON ``text`` (UTF-8) nests no deeper than ``limit``.
+
+    Checked before ``json.loads``, which recurses once per level and so overflows its
+    stack on deep input. Brackets inside strings do not count. Text that is not JSON may
+    pass; the parser then refuses it without going deeper than the scan saw. Text with
+    few brackets costs two counts; any other a dozen vectorized passes per byte.
+    """
+    if isinstance(text, str):
+        if text.count("[") + text.count("{") <= limit:
+            return True
+        text = text.encode("utf-8", "surrogatepass")
+    elif text.count(b"[") + text.count(b"{") <= limit:
+        return True
+    if b"\\" in text:
+        text = _ESCAPE.sub(b"", text)  # an escaped quote neither opens nor closes a string
+    codes = np.frombuffer(text, dtype=np.uint8)
+    depth, inside = 0, 0
+    for start in range(0, len(codes), _SCAN):
+        part = codes[start : start + _SCAN]
+        parity = np.bitwise_xor.accumulate((part == ord('"')).view(np.uint8))  # 1: in a string
+        parity ^= inside
+        folded = part | 0x20  # "[" and "{" become 0x7B, "]" and "}" 0x7D, nothing else does
+        steps = (folded == 0x7B).view(np.int8) - (folded == 0x7D).view(np.int8)
+        steps &= (parity - 1).view(np.int8)  # all ones outside a string, zero inside
+        levels = np.cumsum(steps, dtype=np.int32)
+        if depth + int(levels.max()) > limit:
+            return False
+        depth, inside = depth + int(levels[-1]), int(parity[-1])
+    return True
+
+
+def _parse(text: str, what: str) -> Any:
+    """``json.loads(text)``, or a :class:`CodecError` that begins with ``what``."""
+    if not nesting_within(text):
+        raise CodecError(f"{what}: nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CodecError(f"{what}: {err}") from err
 
 
 def _layout(
@@ -58,10 +114,13 @@ def _layout(
 
 def _head(entries: str, meta: Mapping[str, Any] | None) -> bytes:
     """The header of a payload with these tensor entries, its length prefix included."""
-    metadata = encode_basestring_ascii(_JSON.encode(meta or {}))  # a JSON string in JSON
-    text = f'{{"__metadata__":{{"{META_KEY}":{metadata}}}{entries}}}'.encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    return len(text).to_bytes(8, "little") + text
+    text = _JSON.encode(meta or {})
+    if not nesting_within(text):  # what this codec writes, it reads back
+        raise CodecError(f"metadata nested deeper than {MAX_DEPTH} levels")
+    metadata = encode_basestring_ascii(text)  # a JSON string in JSON
+    head = f'{{"__metadata__":{{"{META_KEY}":{metadata}}}{entries}}}'.encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head
 
 
 @functools.lru_cache(maxsize=64)
@@ -257,6 +316,10 @@ def decode_flat(
     wrote (a client's reply to the server's global model is)."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise CodecError(f"{what}: expected bytes, got {type(payload).__name__}")
+    if isinstance(payload, memoryview) and not (
+        payload.ndim == 1 and payload.itemsize == 1 and payload.c_contiguous
+    ):
+        raise CodecError(f"{what}: expected contiguous bytes, got a memoryview of {payload.format}")
     size = len(payload)
     if size < 8:
         raise CodecError(f"{what}: truncated ({size} bytes, no safetensors header)")
@@ -269,21 +332,16 @@ def decode_flat(
     header = bytes(payload[8:start])
     known = _known(header)
     if known is not None and known[1].size == size - start and start % 8 == 0:
-        meta = _metadata({META_KEY: known[0]}, what)
+        meta = _flcore_metadata(known[0], what)
         views = _views(payload, start, copy, known[1])
         return dict(zip(views.layout.names, views.tensors, strict=True)), meta, views
-    try:
-        parsed = json.loads(header)
-    except ValueError as err:
-        raise CodecError(f"{what}: malformed header: {err}") from err
-    if not isinstance(parsed, dict):
-        raise CodecError(f"{what}: malformed header: not a JSON object")
+    parsed = _header(header, what)
     meta = _metadata(parsed.pop("__metadata__", None), what)
     data_len = size - start
     spans = []
     for name, entry in parsed.items():
         spans.append((*_span(name, entry, data_len, what), name))
-    spans.sort()
+    spans.sort(key=operator.itemgetter(0, 1, 4))  # by offsets, then name: dtypes do not order
     position = 0
     for begin, end, _, _, name in spans:
         if begin != position:
@@ -342,40 +400,83 @@ def _views(payload: bytes | bytearray | memoryview, start: int, copy: bool, layo
     return Flat(layout, tuple(runs), tuple(tensors))
 
 
+def _header(header: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of a header this process did not write: UTF-8, as safetensors requires."""
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CodecError(f"{what}: malformed header: not UTF-8 at byte {err.start}") from None
+    parsed = _parse(text, f"{what}: malformed header")
+    if not isinstance(parsed, dict):
+        raise CodecError(f"{what}: malformed header: not a JSON object")
+    return parsed
+
+
 def _span(
     name: str, entry: Any, data_len: int, what: str
 ) -> tuple[int, int, torch.dtype, list[int]]:
+    """``(begin, end, dtype, shape)`` of one header entry, each checked: a peer wrote it."""
     if not isinstance(entry, dict):
-        raise CodecError(f"{what}: malformed header: entry {name!r} is not an object")
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        raise CodecError(f"{what}: malformed header: entry {name!r:.80} is not an object")
+    kind, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype = DTYPES.get(kind) if isinstance(kind, str) else None
     if dtype is None:
-        raise CodecError(f"{what}: tensor {name!r} has unknown dtype {entry.get('dtype')!r}")
-    # type(...) is int: JSON's true and false are no sizes (isinstance would let them in)
-    if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):
-        raise CodecError(f"{what}: tensor {name!r} has a malformed shape {shape!r}")
+        raise CodecError(
+            f"{what}: tensor {name!r:.80} has unknown dtype {kind!r:.40} "
+            f"(known: {', '.join(DTYPES)})"
+        )
+    count = _element_count(shape)
+    if count is None:
+        raise CodecError(
+            f"{what}: tensor {name!r:.80} has a malformed shape {shape!r:.80} (non-negative "
+            f"integers below 2**62, their non-zero product too)"
+        )
+    # type(...) is int: JSON's true and false are no offsets (isinstance would let them in)
     if not (type(offsets) is list and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-        raise CodecError(f"{what}: tensor {name!r} has malformed data offsets {offsets!r}")
+        raise CodecError(f"{what}: tensor {name!r:.80} has malformed data offsets {offsets!r:.80}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise CodecError(
-            f"{what}: malformed or truncated tensors: {name!r} lies outside the "
+            f"{what}: malformed or truncated tensors: {name!r:.80} lies outside the "
             f"{data_len} data bytes"
         )
-    if end - begin != math.prod(shape) * dtype.itemsize:
-        raise CodecError(f"{what}: tensor {name!r}: {end - begin} bytes for shape {shape}")
-    return begin, end, dtype, shape
+    if end - begin != count * dtype.itemsize:
+        raise CodecError(f"{what}: tensor {name!r:.80}: {end - begin} bytes for shape {shape}")
+    return begin, end, dtype, cast(list[int], shape)
+
+
+def _element_count(shape: Any) -> int | None:
+    """The number of elements of a header's shape; ``None`` unless it is a list of
+    non-negative ints (not JSON's booleans) whose non-zero entries multiply to below
+    :data:`MAX_DIM`. Beyond that torch's sizes and strides overflow, even for an empty tensor."""
+    if type(shape) is not list:
+        return None
+    product, empty = 1, False
+    for size in shape:
+        if type(size) is not int or not 0 <= size < MAX_DIM:
+            return None
+        if size == 0:
+            empty = True
+            continue
+        product *= size
+        if product >= MAX_DIM:  # stops at once: the product never grows past 124 bits
+            return None
+    return 0 if empty else product
 
 
 def _metadata(raw: Any, what: str) -> dict[str, Any]:
+    """The flcore metadata of a header's ``__metadata__``: as safetensors requires, a map of
+    strings to strings; its ``flcore`` entry is the JSON text of an object."""
     if raw is None:
         return {}
-    if not isinstance(raw, dict):
-        raise CodecError(f"{what}: malformed metadata: not a JSON object")
-    try:
-        meta = json.loads(raw.get(META_KEY, "{}"))
-    except (TypeError, ValueError) as err:
-        raise CodecError(f"{what}: malformed metadata: {err}") from err
+    if not (isinstance(raw, dict) and all(type(value) is str for value in raw.values())):
+        raise CodecError(f"{what}: malformed metadata: not a JSON object of strings")
+    return _flcore_metadata(raw.get(META_KEY, "{}"), what)
+
+
+def _flcore_metadata(text: str, what: str) -> dict[str, Any]:
+    """The object the JSON ``text`` of the metadata's ``flcore`` entry holds."""
+    meta = _parse(text, f"{what}: malformed metadata")
     if not isinstance(meta, dict):
         raise CodecError(f"{what}: malformed metadata: not a JSON object")
     return meta
@@ -413,16 +514,24 @@ def write_atomic(path: Path, data: bytes | bytearray) -> None:
 
 
 def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write through a temporary ``.NAME.XXXXXXXX.tmp`` beside ``path`` (a crash can leave
+    one behind; a resumed run removes it). An OSError names ``path`` itself: a failed
+    ``write`` or ``fsync`` names no file, and the temporary file's name means nothing to
+    the user."""
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

@@ -305,3 +305,148 @@ def test_a_known_header_with_other_padding_or_a_broken_metadata_string_is_checke
     assert broken != header
     with pytest.raises(CodecError, match="malformed header"):
         codec.decode(len(broken).to_bytes(8, "little") + broken + data)
+
+
+# -- a hostile header: every one of these crashed a deployed server before (issue 17) ------
+
+
+def _header_text(text: str, data: bytes = b"") -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (_header_text(DEEP), "malformed header: nested deeper than 64 levels"),
+        (_header_text('{"w":' + DEEP + "}"), "malformed header: nested deeper than 64 levels"),
+        (
+            _with_header({"__metadata__": {"flcore": DEEP}}),
+            "malformed metadata: nested deeper than 64 levels",
+        ),
+        (
+            _with_header({"__metadata__": {"flcore": '{"metrics":' + DEEP + "}"}}),
+            "malformed metadata: nested deeper than 64 levels",
+        ),
+        (
+            _with_header({"w": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}),
+            "tensor 'w' has a malformed shape [0, 1180591620717411303424]",
+        ),
+        (
+            _with_header(
+                {"w": {"dtype": "F32", "shape": [2**61, 2**61, 0], "data_offsets": [0, 0]}}
+            ),
+            "tensor 'w' has a malformed shape",
+        ),
+        (
+            _with_header(
+                {"w": {"dtype": "F32", "shape": [0, 2**40, 2**40], "data_offsets": [0, 0]}}
+            ),
+            "tensor 'w' has a malformed shape",
+        ),
+        (
+            _with_header(
+                {"w": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "tensor 'w' has unknown dtype {'F32': 1}",
+        ),
+        (
+            _with_header(
+                {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4
+            ),
+            "tensor 'w' has unknown dtype ['F32']",
+        ),
+        (
+            _with_header({"w": {"dtype": 3, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "tensor 'w' has unknown dtype 3",
+        ),
+        (
+            _with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, b"\0" * 4),
+            "malformed or truncated tensors: 'w' lies outside the 4 data bytes",
+        ),
+        (
+            _header_text('{"w":{"dtype":"F32","shape":[' + "9" * 5000 + '],"data_offsets":[0,4]}}'),
+            "malformed header: Exceeds the limit (4300 digits)",
+        ),
+        (_header_text("{}")[:8] + b"\xff\xfe", "malformed header: not UTF-8 at byte 0"),
+        (
+            _with_header({"__metadata__": {"flcore": "{}", "format": 1}}),
+            "malformed metadata: not a JSON object of strings",
+        ),
+    ],
+)
+def test_hostile_headers_are_refused_with_their_reason(payload: bytes, message: str) -> None:
+    with pytest.raises(CodecError) as info:
+        codec.decode(payload)
+    assert f"payload: {message}" in str(info.value)
+
+
+def test_nested_metadata_in_a_remembered_header_is_refused_too() -> None:
+    """The fast path reads only the metadata string of a header this process wrote: it is
+    checked as the full parse checks it."""
+    payload = bytes(codec.encode(model_weights(), {"round": 1}))
+    size = int.from_bytes(payload[:8], "little")
+    header, data = payload[8 : 8 + size], payload[8 + size :]
+    head = b'{"__metadata__":{"flcore":'
+    end = header.index(b'"}', len(head)) + 1
+    nested = head + json.dumps(DEEP).encode() + header[end:]
+    nested += b" " * (-len(nested) % 8)
+    assert header[end:].rstrip() in nested and len(nested) % 8 == 0
+    with pytest.raises(CodecError, match="malformed metadata: nested deeper than 64 levels"):
+        codec.decode(len(nested).to_bytes(8, "little") + nested + data)
+
+
+def test_empty_tensors_of_different_dtypes_may_share_an_offset() -> None:
+    """Legal safetensors: sorting their spans once compared the dtypes (a TypeError)."""
+    header = {
+        "a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+        "b": {"dtype": "I64", "shape": [0, 3], "data_offsets": [0, 0]},
+        "c": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+    }
+    got, _ = codec.decode(_with_header(header, b"\0\0"))
+    assert got["b"].shape == (0, 3) and got["b"].dtype == torch.int64
+    assert got["c"].dtype == torch.float16
+
+
+def test_metadata_nested_too_deeply_is_refused_when_written() -> None:
+    """What the codec writes it reads back: metadata 65 levels deep is never written."""
+
+    def nested(levels: int) -> list:
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    with pytest.raises(CodecError, match="metadata nested deeper than 64 levels"):
+        codec.encode({}, {"m": nested(64)})
+    assert codec.decode(codec.encode({}, {"m": nested(63)}))[1] == {"m": nested(63)}
+
+
+def test_a_memoryview_of_wider_items_is_refused() -> None:
+    import array
+
+    view = memoryview(array.array("i", [0] * 8))
+    with pytest.raises(CodecError, match="expected contiguous bytes, got a memoryview of i"):
+        codec.decode(view)
+    assert codec.decode(memoryview(bytearray(codec.encode(model_weights()))))[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "within"),
+    [
+        ("[" * 64 + "]" * 64, True),
+        ("[" * 65 + "]" * 65, False),
+        ('{"a":' * 65 + "1" + "}" * 65, False),
+        (json.dumps(["[" * 100, "{" * 100]), True),  # inside strings
+        ('["\\"' + "[" * 100 + '"]', True),  # after an escaped quote: still a string
+        ('["\\\\"' + ",[" * 70 + "]" * 70 + "]", False),  # an escaped backslash ends it
+        ("[]" * 1000, True),
+        ("", True),
+    ],
+)
+def test_nesting_is_measured_outside_strings(text: str, within: bool) -> None:
+    assert codec.nesting_within(text) is within
+    assert codec.nesting_within(text.encode()) is within
