@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from flcore.codec import MAX_DEPTH, nesting_within
 from flcore.errors import FLCoreError
 
 SERVICE = "flcore.Federation"
@@ -44,12 +45,20 @@ def pack(obj: Mapping[str, Any]) -> bytes:
 
 
 def unpack(data: bytes, what: str) -> dict[str, Any]:
-    """A JSON object, or a :class:`WireError` that says what was wrong with it."""
+    """A JSON object, or a :class:`WireError` that says what was wrong with it: a peer wrote
+    it, so it must be UTF-8 (``pack`` writes ASCII) and nest no deeper than
+    :data:`flcore.codec.MAX_DEPTH`, which ``json.loads`` would recurse into until it fails."""
     if not isinstance(data, bytes) or len(data) > MAX_HEADER:
         raise WireError(f"malformed {what}: not a JSON header of at most {MAX_HEADER} bytes")
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise WireError(f"malformed {what}: not JSON (not UTF-8 at byte {err.start})") from None
+    if not nesting_within(data):
+        raise WireError(f"malformed {what}: nested deeper than {MAX_DEPTH} levels")
+    try:
+        obj = json.loads(text)
+    except ValueError as err:  # a JSONDecodeError, or an integer of over 4300 digits
         raise WireError(f"malformed {what}: not JSON ({err})") from None
     if not isinstance(obj, dict):
         raise WireError(f"malformed {what}: not a JSON object")
