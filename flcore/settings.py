@@ -1,11 +1,16 @@
 """Validate a TOML section against an attrs settings class, naming the key on error.
 
 Plugins, the task and the core's own sections declare their settings as attrs
-classes; this module checks the values a job gives them before anything trains.
+classes; this module checks the values a job gives them before anything trains. Every float
+a job gives must be finite, whoever declared it: NaN passes every comparison test and an
+infinite timeout overflows whatever waits on it. Bounds are the classes' own attrs
+validators (``attrs.validators.ge``/``le``); their refusals name the key like every other.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -38,7 +43,20 @@ def build_settings(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     try:
         return cls(**checked)  # type: ignore[return-value]
     except (ValueError, TypeError) as err:
-        raise JobError(f"{where}: {err}") from err
+        raise _refused(str(err), where, fields) from err
+
+
+#: What attrs' number validators (``ge``, ``le``, ``lt``, ``gt``) say: ``'key' must be >= 1: 0``.
+_BOUND_MESSAGE = re.compile(r"'(?P<key>[^']+)' (?P<rule>must be [<>]=? [^:]+): (?P<got>.*)")
+
+
+def _refused(message: str, where: str, fields: Mapping[str, Any]) -> JobError:
+    """A validator's refusal as a JobError; a bound names the key the way a type error does
+    (``[job].rounds: must be >= 1, got 0``), other messages keep their own wording."""
+    match = _BOUND_MESSAGE.fullmatch(message)
+    if match is None or match["key"] not in fields:
+        return JobError(f"{where}: {message}")
+    return JobError(f"{where}.{match['key']}: {match['rule']}, got {match['got']}")
 
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -76,7 +94,7 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         raise _wrong(where, value, annotation)
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            return _finite(value, where)
         raise _wrong(where, value, annotation)
     if annotation is str:
         if isinstance(value, str):
@@ -95,6 +113,17 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if isinstance(annotation, type) and isinstance(value, annotation):
         return value
     raise _wrong(where, value, annotation)
+
+
+def _finite(value: int | float, where: str) -> float:
+    """``value`` as a float, refused unless it is finite."""
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the largest float
+        raise JobError(f"{where}: must be a finite number, got an integer too large") from None
+    if not math.isfinite(number):
+        raise JobError(f"{where}: must be a finite number, got {number!r}")
+    return number
 
 
 def _wrong(where: str, value: Any, annotation: Any) -> JobError:

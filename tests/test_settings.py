@@ -4,6 +4,7 @@ from typing import Literal
 
 import attrs
 import pytest
+from attrs.validators import ge, le
 
 from flcore.errors import JobError
 from flcore.settings import build_settings
@@ -65,3 +66,55 @@ def test_bad_values_name_the_key(values: dict, message: str) -> None:
 def test_a_class_that_is_not_attrs_is_a_programming_error() -> None:
     with pytest.raises(TypeError):
         build_settings(dict, {}, "x")
+
+
+@attrs.frozen
+class Floats:
+    """Float fields of every shape a plugin may declare."""
+
+    rate: float = 0.5
+    maybe: float | None = None
+    steps: list[float] = attrs.field(factory=list)
+    weights: dict[str, float] = attrs.field(factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rate": float("nan")}, "job.toml: [x].rate: must be a finite number, got nan"),
+        ({"rate": float("inf")}, "[x].rate: must be a finite number, got inf"),
+        ({"rate": -float("inf")}, "[x].rate: must be a finite number, got -inf"),
+        ({"rate": 10**400}, "[x].rate: must be a finite number, got an integer too large"),
+        ({"maybe": float("nan")}, "[x].maybe: must be a finite number, got nan"),
+        ({"steps": [0.1, float("inf")]}, "[x].steps[1]: must be a finite number, got inf"),
+        ({"weights": {"a": float("nan")}}, "[x].weights.a: must be a finite number, got nan"),
+    ],
+)
+def test_every_float_must_be_finite_whoever_declared_it(values: dict, message: str) -> None:
+    """NaN passes every bound unnoticed and an infinite timeout overflows its wait."""
+    with pytest.raises(JobError) as err:
+        build_settings(Floats, values, "job.toml: [x]")
+    assert message in str(err.value)
+
+
+def test_finite_floats_and_ints_still_pass() -> None:
+    got = build_settings(Floats, {"rate": 1e308, "maybe": -2, "steps": [0, 1.5]}, "[x]")
+    assert got == Floats(rate=1e308, maybe=-2.0, steps=[0.0, 1.5])
+
+
+@attrs.frozen
+class Bounded:
+    count: int = attrs.field(default=1, validator=[ge(1), le(5)])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "job.toml: [x].count: must be >= 1, got 0"),
+        (9, "job.toml: [x].count: must be <= 5, got 9"),
+    ],
+)
+def test_attrs_validators_refusals_name_the_key_and_the_bound(value: int, message: str) -> None:
+    with pytest.raises(JobError) as err:
+        build_settings(Bounded, {"count": value}, "job.toml: [x]")
+    assert str(err.value) == message
