@@ -131,11 +131,11 @@ def test_a_loss_with_an_explicit_mode_is_accepted() -> None:
         ),
         (
             {"aggregation_weights": {"client-0": float("nan")}},
-            "aggregation_weights.client-0 must be a finite number >= 0",
+            "aggregation_weights.client-0: must be a finite number, got nan",
         ),
         (
             {"aggregation_weights": {"client-0": float("inf")}},
-            "aggregation_weights.client-0 must be a finite number >= 0",
+            "aggregation_weights.client-0: must be a finite number, got inf",
         ),
         ({"source": "central"}, "source: 'central' is not one of"),
         ({"source": "server"}, "key_metric must be set with source = 'server'"),
