@@ -9,7 +9,6 @@ plugins answer other requests through the ``client_request`` hook.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from flcore import codec
 from flcore.client_state import ClientStateStore
 from flcore.context import ClientContext
-from flcore.contribution import Contribution
+from flcore.contribution import MAX_SAMPLES, Contribution, brief, metric_problem
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
 from flcore.errors import CodecError
@@ -296,18 +295,40 @@ class RequestMemo:
         self.payload = self.decoded = None
 
 
-def read_validation(payload: codec.Payload, sender: str) -> tuple[int, dict[str, dict[str, float]]]:
-    """Decode a client's validation results: ``(num_samples, model -> metric -> number)``."""
-    _, meta = codec.decode(payload, what=f"validation results from {sender}")
+def read_validation(
+    payload: codec.Payload, sender: str, max_samples: int = MAX_SAMPLES
+) -> tuple[int, dict[str, dict[str, float]]]:
+    """Decode a client's validation results: ``(num_samples, model -> metric -> number)``.
+
+    The server weighs each client's test by ``num_samples`` and selects models by these
+    numbers, so each is bounded: the count by ``max_samples`` (``[job]
+    max_samples_per_client``; the reply is all the server knows of the validation split's
+    size), every metric by :func:`flcore.contribution.metric_problem`, and an accuracy
+    (``accuracy`` or a name ending in it) to [0, 1]. A count of 0 passes only with no
+    metric at all: a client without validation data has nothing to weigh."""
+    where = f"validation results from {sender}"
+    _, meta = codec.decode(payload, what=where)
     results, n = meta.get("results"), meta.get("num_samples")
-    if meta.get("kind") != "validation" or not isinstance(results, dict) or not isinstance(n, int):
-        raise CodecError(f"validation results from {sender}: malformed")
+    if meta.get("kind") != "validation" or not isinstance(results, dict):
+        raise CodecError(f"{where}: malformed")
     for model, metrics in results.items():
         if not isinstance(metrics, dict):
-            raise CodecError(f"validation results from {sender}: {model!r} is not a mapping")
+            raise CodecError(f"{where}: {model!r:.40} is not a mapping")
         for key, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise CodecError(f"validation results from {sender}: {model}.{key} not a number")
-            if not math.isfinite(value):
-                raise CodecError(f"validation results from {sender}: {model}.{key} not finite")
+            problem = metric_problem(value) or _accuracy_problem(key, value)
+            if problem:
+                raise CodecError(f"{where}: {model:.40}.{key:.40} {problem}")
+    scored = any(results.values())
+    if type(n) is not int or not (1 if scored else 0) <= n <= max_samples:
+        raise CodecError(
+            f"{where}: num_samples {brief(n)} is not a count in [{1 if scored else 0}, "
+            f"{max_samples}] ([job] max_samples_per_client)"
+        )
     return n, results
+
+
+def _accuracy_problem(name: str, value: float) -> str | None:
+    """An accuracy is a fraction: one above 1 (or below 0) is a forged or a broken one."""
+    if name.lower().endswith("accuracy") and not 0.0 <= value <= 1.0:
+        return f"is {brief(value)}, not an accuracy in [0, 1]"
+    return None

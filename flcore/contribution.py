@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import cmath
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 
 from flcore import codec
 from flcore.errors import CodecError, ContributionRefused
+from flcore.options import JobSettings
+
+#: The default bound on a reported ``num_samples``: ``[job] max_samples_per_client``'s.
+MAX_SAMPLES = cast(int, attrs.fields(JobSettings).max_samples_per_client.default)
+#: The largest ``local_iterations`` a contribution may report: no round takes a billion
+#: optimizer steps, and plugins weigh or schedule by the count (FedNova, SWAG).
+MAX_LOCAL_ITERATIONS = 10**9
+#: The largest absolute value of a reported metric: far above any loss or accuracy, far
+#: below what overflows a mean of them, or lets one client's number decide a selection.
+MAX_METRIC = 1e12
 
 
 @attrs.frozen
@@ -119,6 +130,7 @@ def validate(
     clients: set[str] | frozenset[str],
     received: set[str],
     sent: codec.Layout | None = None,
+    max_samples: int = MAX_SAMPLES,
 ) -> None:
     """Raise :class:`ContributionRefused` with the reason when ``contribution`` may not count.
 
@@ -126,6 +138,9 @@ def validate(
     whose reply this round already counted (accepted or refused). ``sent`` is the layout
     ``reference`` was sent in (:func:`flcore.codec.layout_of`): a contribution decoded in
     that layout has its names, shapes and dtypes, which then need no check one by one.
+    FedAvg weighs a contribution by its ``num_samples``, so the count must be an int in
+    [1, ``max_samples``] (the job's ``max_samples_per_client``) and ``local_iterations`` one
+    in [0, :data:`MAX_LOCAL_ITERATIONS`]; the metrics must pass :func:`metrics_problem`.
     """
     who = contribution.client_id
     if who not in clients:
@@ -137,12 +152,9 @@ def validate(
         )
     if who in received:
         raise ContributionRefused(f"{who}: duplicate reply for round {round}")
-    if contribution.num_samples <= 0:
-        raise ContributionRefused(f"{who}: non-positive sample count {contribution.num_samples}")
-    if contribution.local_iterations < 0:
-        raise ContributionRefused(
-            f"{who}: negative local iteration count {contribution.local_iterations}"
-        )
+    problem = _count_problem(contribution, max_samples) or metrics_problem(contribution.metrics)
+    if problem:
+        raise ContributionRefused(f"{who}: {problem}")
     flat = contribution.flat  # a decoded payload's data, a dtype at a time
     finite_runs = (
         flat is not None
@@ -173,3 +185,68 @@ def validate(
     for name in reference:
         if not all_finite(contribution.weights[name]):
             raise ContributionRefused(f"{who}: tensor {name!r} has NaN or infinite values")
+
+
+def _count_problem(contribution: Contribution, max_samples: int) -> str | None:
+    """Why the reported counts may not weigh in the aggregate, or ``None``. ``type(...) is
+    int``: neither a bool nor a float (1e12) is a count."""
+    samples, iterations = contribution.num_samples, contribution.local_iterations
+    if type(samples) is not int:
+        return f"sample count {brief(samples)} is not an integer"
+    if samples <= 0:
+        return f"non-positive sample count {samples}"
+    if samples > max_samples:
+        return (
+            f"sample count {brief(samples)} is above {max_samples} ([job] max_samples_per_client)"
+        )
+    if type(iterations) is not int:
+        return f"local iteration count {brief(iterations)} is not an integer"
+    if iterations < 0:
+        return f"negative local iteration count {brief(iterations)}"
+    if iterations > MAX_LOCAL_ITERATIONS:
+        return f"local iteration count {brief(iterations)} is above {MAX_LOCAL_ITERATIONS}"
+    return None
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters: a forged value may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def metric_problem(value: Any) -> str | None:
+    """Why ``value`` is no metric value, or ``None``: a metric is a finite number (not a bool)
+    of at most :data:`MAX_METRIC` in absolute value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"is a {type(value).__name__}, not a number"
+    if abs(value) <= MAX_METRIC:  # a huge int is compared, never made a float
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is not finite ({value!r})"
+    return f"is {brief(value)}, beyond ±{MAX_METRIC:.0e}"
+
+
+def metrics_problem(metrics: Any, depth: int = codec.MAX_DEPTH) -> str | None:
+    """Why reported ``metrics`` may not be kept, or ``None``: objects with string keys and
+    lists, at most ``depth`` deep, whose every number passes :func:`metric_problem`.
+
+    Other values pass: ``None`` (no value, such as ``initial_validation_metric`` without
+    validation data), strings and booleans are reports that no mean or selection counts
+    (model_selection skips them by type), so they can neither overflow nor steer a round."""
+    pending: list[tuple[str, Any, int]] = [("metrics", metrics, 0)]
+    while pending:
+        path, value, level = pending.pop()
+        if isinstance(value, Mapping | list) and level >= depth:
+            return f"{path} is nested deeper than {depth} levels"
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"{path} has a key that is a {type(key).__name__}, not a str"
+                pending.append((f"{path}.{key:.40}", item, level + 1))
+        elif isinstance(value, list):
+            pending += ((f"{path}[{i}]", item, level + 1) for i, item in enumerate(value))
+        elif not (value is None or isinstance(value, str | bool)):
+            problem = metric_problem(value)
+            if problem:
+                return f"{path} {problem}"
+    return None

@@ -236,17 +236,19 @@ class Training:
         self, weights: Mapping[str, torch.Tensor], clients: Sequence[str] | None = None
     ) -> dict[str, dict[str, float]]:
         """Have ``clients`` test ``weights`` on their held-out split: client id -> metrics,
-        with ``num_samples``. A client that fails or answers badly is logged and left out."""
+        with ``num_samples``. A client that fails or answers badly (a count above ``[job]
+        max_samples_per_client``, a metric out of bounds) is logged and left out."""
         from flcore.client import read_validation
 
         ctx = self.ctx
         payload = codec.encode(weights, {"kind": "validate", "round": ctx.round})
         tests: dict[str, dict[str, float]] = {}
+        bound = self.job.job.max_samples_per_client
         for result in self.send_to_clients("validate", payload, clients):
             try:
                 if result.payload is None:
                     raise CodecError(f"client failed: {result.error}")
-                n, results = read_validation(result.payload, result.client_id)
+                n, results = read_validation(result.payload, result.client_id, bound)
             except CodecError as err:
                 ctx.log.warning("test_result_refused", client=result.client_id, reason=str(err))
                 continue

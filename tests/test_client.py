@@ -93,3 +93,42 @@ def test_clients_sharing_a_memo_decode_one_request_once_and_each_names_itself(
             c.receive(bytearray(b"\x01"), "global model")
     memo.clear()
     assert memo.payload is None and memo.decoded is None
+
+
+def validation_reply(results: object, n: object = 3) -> bytes:
+    return bytes(codec.encode({}, {"kind": "validation", "num_samples": n, "results": results}))
+
+
+@pytest.mark.parametrize(
+    ("n", "results", "reason"),
+    [
+        (-1, {"global": {"loss": 0.5}}, "num_samples -1 is not a count in [1, 1000000000]"),
+        (True, {"global": {"loss": 0.5}}, "num_samples True is not a count in [1, 1000000000]"),
+        (1e9, {"global": {"loss": 0.5}}, "num_samples 1000000000.0 is not a count"),
+        (10**9 + 1, {"global": {"loss": 0.5}}, "num_samples 1000000001 is not a count"),
+        (0, {"global": {"loss": 0.5}}, "num_samples 0 is not a count in [1, 1000000000]"),
+        (None, {"global": {}}, "num_samples None is not a count in [0, 1000000000]"),
+        (3, {"global": {"accuracy": 1e308}}, "global.accuracy is 1e+308, beyond ±1e+12"),
+        (3, {"global": {"accuracy": 1.5}}, "global.accuracy is 1.5, not an accuracy in [0, 1]"),
+        (3, {"swag": {"top5_accuracy": -0.1}}, "swag.top5_accuracy is -0.1, not an accuracy"),
+        (3, {"global": {"loss": float("inf")}}, "global.loss is not finite (inf)"),
+        (3, {"global": {"loss": -1e13}}, "global.loss is -10000000000000.0, beyond ±1e+12"),
+        (3, {"global": {"loss": True}}, "global.loss is a bool, not a number"),
+    ],
+)
+def test_validation_replies_out_of_bounds_are_refused_with_their_reason(
+    n: object, results: object, reason: str
+) -> None:
+    with pytest.raises(CodecError) as info:
+        read_validation(validation_reply(results, n), "client-1")
+    assert f"validation results from client-1: {reason}" in str(info.value)
+
+
+def test_validation_replies_within_bounds_pass() -> None:
+    results = {"global": {"loss": 1e12, "accuracy": 1.0, "val_accuracy": 0, "balanced": 7.0}}
+    assert read_validation(validation_reply(results, 10**9), "c") == (10**9, results)
+    # a client without validation data has nothing to weigh, and says so
+    assert read_validation(validation_reply({"global": {}}, 0), "c") == (0, {"global": {}})
+    assert read_validation(validation_reply({"global": {"loss": 0.1}}, 50), "c", 50)[0] == 50
+    with pytest.raises(CodecError, match=r"num_samples 51 is not a count in \[1, 50\]"):
+        read_validation(validation_reply({"global": {"loss": 0.1}}, 51), "c", 50)

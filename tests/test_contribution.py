@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from flcore import codec
+from flcore import codec, hookimpl
 from flcore.contribution import Contribution, validate
 from flcore.errors import CodecError, ContributionRefused
+from flcore.run import run_job
+from flcore.runtime.base import ClientResult
+from flcore.runtime.embedded import EmbeddedRuntime
+from tests.conftest import small_job
 
 REFERENCE = {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.tensor(0)}
 
@@ -233,3 +240,263 @@ def test_a_contribution_in_the_layout_sent_is_still_checked_for_what_may_differ(
     assert other.flat is not None and other.flat.layout is not sent
     with pytest.raises(ContributionRefused, match=r"tensor 'w' has shape \(2, 4\)"):
         check(other, sent=sent)
+
+
+# -- counts and metrics that let one forged reply crash or steer a round (issue 17) --------
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        (
+            {"num_samples": 10**400},
+            "client-0: sample count 1000000000000000000000000000000000000... is above "
+            "1000000000 ([job] max_samples_per_client)",
+        ),
+        ({"num_samples": 10**9 + 1}, "client-0: sample count 1000000001 is above 1000000000"),
+        ({"num_samples": 1e12}, "client-0: sample count 1000000000000.0 is not an integer"),
+        ({"num_samples": True}, "client-0: sample count True is not an integer"),
+        ({"local_iterations": 10**9 + 1}, "local iteration count 1000000001 is above 1000000000"),
+        ({"local_iterations": False}, "local iteration count False is not an integer"),
+        ({"metrics": {"loss": float("nan")}}, "client-0: metrics.loss is not finite (nan)"),
+        ({"metrics": {"loss": float("-inf")}}, "metrics.loss is not finite (-inf)"),
+        ({"metrics": {"loss": -1e13}}, "metrics.loss is -10000000000000.0, beyond ±1e+12"),
+        (
+            {"metrics": {"loss": 10**400}},
+            "metrics.loss is 1000000000000000000000000000000000000...",
+        ),
+        (
+            {"metrics": {"initial_validation": {"accuracy": 1e308}}},
+            "metrics.initial_validation.accuracy is 1e+308, beyond ±1e+12",
+        ),
+        ({"metrics": {"x": [0.5, float("nan")]}}, "metrics.x[1] is not finite (nan)"),
+        ({"metrics": {"x": {"y": [{"z": 1e13}]}}}, "metrics.x.y[0].z is 10000000000000.0, beyond"),
+        ({"metrics": {"x": nested(64)}}, "is nested deeper than 64 levels"),
+    ],
+)
+def test_counts_and_metrics_out_of_bounds_are_refused_with_their_reason(changes, reason) -> None:
+    with pytest.raises(ContributionRefused) as err:
+        check(contribution(**changes))
+    assert reason in str(err.value)
+
+
+def test_counts_and_metrics_within_bounds_pass() -> None:
+    check(contribution(num_samples=10**9, local_iterations=10**9, metrics={}))
+    metrics = {
+        "train_loss": 1e12,
+        "initial_validation_metric": None,  # what a client without validation data sends
+        "initial_validation": {"loss": -0.5, "accuracy": 1},
+        "losses": [0.5, 0.25],
+        "optimizer": "sgd",  # a report that no mean counts
+        "converged": True,
+        "deep": nested(63),
+    }
+    check(contribution(metrics=metrics))
+
+
+def test_the_job_sets_the_bound_on_sample_counts() -> None:
+    big = contribution(num_samples=5 * 10**9)
+    with pytest.raises(ContributionRefused, match="above 1000000000"):
+        check(big)
+    validate(
+        big, reference=REFERENCE, round=2, clients={"client-0"}, received=set(), max_samples=10**10
+    )
+    with pytest.raises(ContributionRefused, match=r"sample count 11 is above 10 \(\[job\]"):
+        validate(
+            contribution(num_samples=11),
+            reference=REFERENCE,
+            round=2,
+            clients={"client-0"},
+            received=set(),
+            max_samples=10,
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "must be >= 1, got 0"),
+        (2**53 + 1, "must be <= 9007199254740992"),
+        (True, "expected int, got bool"),
+        (1e9, "expected int, got float"),
+    ],
+)
+def test_max_samples_per_client_is_a_count_a_float_weight_holds(value: Any, message: str) -> None:
+    from flcore.errors import JobError
+
+    assert small_job().job.max_samples_per_client == 10**9
+    with pytest.raises(JobError, match=re.escape(f"[job].max_samples_per_client: {message}")):
+        small_job(job={"max_samples_per_client": value})
+
+
+def test_a_decoded_count_that_is_a_float_or_a_bool_is_a_codec_error() -> None:
+    meta = {
+        "kind": "contribution",
+        "client_id": "client-0",
+        "round": 2,
+        "num_samples": 1e12,
+        "local_iterations": 1,
+        "metrics": {},
+    }
+    with pytest.raises(CodecError, match=r"field 'num_samples' must be int, got 1000000000000\.0"):
+        Contribution.decode(codec.encode(REFERENCE, meta), sender="client-0")
+    with pytest.raises(CodecError, match="field 'local_iterations' must be int, got True"):
+        meta.update(num_samples=10, local_iterations=True)
+        Contribution.decode(codec.encode(REFERENCE, meta), sender="client-0")
+
+
+def test_a_decoded_count_of_10_to_the_400_is_refused_before_anything_sums_it() -> None:
+    forged = codec.encode(
+        REFERENCE,
+        {
+            "kind": "contribution",
+            "client_id": "client-0",
+            "round": 2,
+            "num_samples": 10**400,
+            "local_iterations": 1,
+            "metrics": {"accuracy": float("inf")},
+        },
+    )
+    with pytest.raises(ContributionRefused, match=r"sample count 1000+\.\.\. is above"):
+        check(Contribution.decode(forged, sender="client-0"))
+
+
+# -- end to end: forged replies are refused and the run finishes with the honest clients --
+
+
+def forge_header(payload: bytes, edit: Any) -> bytes:
+    """``payload`` with its header rewritten by ``edit(header) -> JSON text``; the data kept
+    8-byte aligned, so that a header whose entries are the server's own still takes the
+    remembered-header path."""
+    size = int.from_bytes(payload[:8], "little")
+    header, data = json.loads(payload[8 : 8 + size]), payload[8 + size :]
+    text = edit(header).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def with_meta(text: Any) -> Any:
+    """An edit that replaces the flcore metadata by ``text(meta)``, the entries untouched."""
+
+    def edit(header: dict[str, Any]) -> str:
+        meta = json.loads(header["__metadata__"]["flcore"])
+        header["__metadata__"] = {"flcore": text(meta)}
+        return json.dumps(header, separators=(",", ":"))
+
+    return edit
+
+
+def huge_count(meta: dict[str, Any]) -> str:
+    return json.dumps({**meta, "num_samples": 10**400})
+
+
+def nested_metrics(meta: dict[str, Any]) -> str:
+    deep = "[" * 100_000 + "]" * 100_000
+    return json.dumps({**meta, "metrics": {}})[:-1] + f',"nested":{{"m":{deep}}}}}'
+
+
+def huge_shape(header: dict[str, Any]) -> str:
+    header["0.weight"]["shape"] = [0, 2**70]
+    return json.dumps(header, separators=(",", ":"))
+
+
+def validation(change: dict[str, Any]) -> Any:
+    def text(meta: dict[str, Any]) -> str:
+        meta = {**meta, **change}
+        if "accuracy" in change:
+            meta["results"] = {"global": {**meta["results"]["global"], **change}}
+            del meta["accuracy"]
+        return json.dumps(meta)
+
+    return with_meta(text)
+
+
+#: client-1's forged replies, by request and round: the issue's exact inputs.
+FORGED = {
+    ("train", 1): with_meta(huge_count),
+    ("train", 2): with_meta(nested_metrics),
+    ("train", 3): huge_shape,
+    ("validate", 1): validation({"num_samples": True}),
+    ("validate", 2): validation({"accuracy": 1e308}),
+    ("validate", 3): validation({"num_samples": -1}),
+}
+
+
+class ForgingRuntime(EmbeddedRuntime):
+    """The embedded runtime, where client-1's every reply is forged (``forged``) or, for
+    the run to compare with, fails."""
+
+    def __init__(self, forged: bool) -> None:
+        super().__init__()
+        self.forged = forged
+
+    def run(self, ctx: Any, request: str, payload: Any, clients: Any) -> Any:
+        for result in super().run(ctx, request, payload, clients):
+            if result.client_id == "client-1" and result.payload is not None:
+                edit = FORGED[(request, ctx.round)]
+                forged = forge_header(bytes(result.payload), edit) if self.forged else None
+                result = ClientResult("client-1", forged, None if self.forged else "gone")
+            yield result
+
+
+class Runtime:
+    def __init__(self, forged: bool) -> None:
+        self.forged = forged
+
+    @hookimpl
+    def get_runtime(self, ctx: Any) -> Any:
+        return ForgingRuntime(self.forged)
+
+
+def test_forged_replies_are_refused_and_the_run_finishes_with_the_honest_clients(
+    tmp_path: Path,
+) -> None:
+    """A count of 10**400, metrics nested 100,000 deep and a shape [0, 2**70] each crashed
+    a server; a boolean or negative count and an accuracy of 1e308 in a validation reply
+    were counted. Each is refused with its reason, and the run ends with the model of a
+    run where client-1 never answered."""
+    job = small_job(["forge"], job={"rounds": 3, "min_clients": 2})
+    runs = {}
+    for forged in (True, False):
+        runs[forged] = run_job(
+            job, out=tmp_path / str(forged), extra_plugins={"forge": Runtime(forged)}
+        )
+    result = runs[True]
+    assert [m["clients"] for m in result.history] == [["client-0", "client-2"]] * 3
+    log = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    refused = [e for e in log if e["event"] == "contribution_refused"]
+    assert [e["client"] for e in refused] == ["client-1"] * 3
+    for event, reason in zip(
+        refused,
+        [
+            "client-1: sample count 1000000000000000000000000000000000000... is above "
+            "1000000000 ([job] max_samples_per_client)",
+            "contribution from client-1: malformed metadata: nested deeper than 64 levels",
+            "contribution from client-1: tensor '0.weight' has a malformed shape "
+            "[0, 1180591620717411303424]",
+        ],
+        strict=True,
+    ):
+        assert reason in event["reason"]
+    tests = [e for e in log if e["event"] == "test_result_refused"]
+    assert [e["client"] for e in tests] == ["client-1"] * 3
+    for event, reason in zip(
+        tests,
+        [
+            "validation results from client-1: num_samples True is not a count in [1, 1000000000]",
+            "validation results from client-1: global.accuracy is 1e+308, beyond ±1e+12",
+            "validation results from client-1: num_samples -1 is not a count in [1, 1000000000]",
+        ],
+        strict=True,
+    ):
+        assert reason in event["reason"]
+    honest = runs[False]
+    assert result.global_model_path.read_bytes() == honest.global_model_path.read_bytes()
+    assert [m["test"] for m in result.history] == [m["test"] for m in honest.history]
