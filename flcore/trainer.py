@@ -261,6 +261,7 @@ class ModelTrainer:
             )
         cohort = frozenset(self.ctx.cohort)
         reference, round_ = self.ctx.global_model, self.ctx.round
+        most = self.ctx.job.job.max_samples_per_client
         validate(
             contribution,
             reference=reference,
@@ -268,6 +269,7 @@ class ModelTrainer:
             clients=cohort,
             received=received,
             sent=self.sent,
+            max_samples=most,
         )
         if not self.ctx.handles("receive_contribution"):
             return contribution
@@ -281,7 +283,12 @@ class ModelTrainer:
         ) != set(before):
             try:  # a filter replaced tensors: what it left must still fit the global model
                 validate(
-                    contribution, reference=reference, round=round_, clients=cohort, received=set()
+                    contribution,
+                    reference=reference,
+                    round=round_,
+                    clients=cohort,
+                    received=set(),
+                    max_samples=most,
                 )
             except ContributionRefused as err:
                 raise ContributionRefused(f"after receive_contribution: {err}") from None

@@ -261,26 +261,21 @@ def test_a_zero_weight_leaves_a_client_out(tmp_path: Path) -> None:
 # -- what clients report that cannot count ------------------------------------------------------
 
 
-def test_a_nan_metric_is_skipped_and_logged_and_the_others_count(tmp_path: Path) -> None:
+def test_a_nan_metric_is_refused_by_the_core_and_the_others_count(tmp_path: Path) -> None:
     result, recorder = run(
         tmp_path,
         ["nan", "model_selection"],
         {"nan": NaNValidation("client-1", round=2)},
+        job={"min_clients": 2},
     )
     reports = recorder.reports[2]
-    assert reports["client-1"][0][ACCURACY] != reports["client-1"][0][ACCURACY]  # NaN arrived
-    (skip,) = events(result.run_dir, "model_selection_skipped")
-    assert skip["client"] == "client-1" and skip["round"] == 2 and skip["level"] == "warning"
-    assert skip["reason"] == "metric 'initial_validation_metric' is not finite: nan"
+    assert "client-1" not in reports  # refused before any plugin saw it
+    (refused,) = [e for e in events(result.run_dir, "contribution_refused") if e["round"] == 2]
+    assert refused["client"] == "client-1" and "not finite" in refused["reason"]
     line = metrics_lines(result.run_dir)[1]
-    assert line["model_selection"]["skipped"] == {"client-1": skip["reason"]}
     others = [reports[c][0][ACCURACY] for c in ("client-0", "client-2")]
     assert line["model_selection"]["scores"]["1"] == pytest.approx(sum(others) / 2, rel=1e-12)
-    assert all(
-        "skipped" not in ln["model_selection"]
-        for i, ln in enumerate(metrics_lines(result.run_dir))
-        if i != 1
-    )
+    assert not events(result.run_dir, "model_selection_skipped")
 
 
 def test_missing_and_non_numeric_metrics_are_skipped_and_logged(tmp_path: Path) -> None:
