@@ -213,6 +213,12 @@ _PLAINTEXT_WARNING = (
     "unencrypted and any process that reaches the port can claim any allowed name. "
     "Use it only on a trusted network or for a test."
 )
+passphrase_option = click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the passphrase of this side's private key (else "
+    "$FLCORE_KEY_PASSPHRASE; neither: the key is not encrypted).",
+)
 
 
 @main.command()
@@ -221,8 +227,10 @@ _PLAINTEXT_WARNING = (
 @click.option(
     "--certs",
     type=click.Path(file_okay=False),
-    help="Folder from `flcore certs` with ca.pem, server.pem and server.key (mutual TLS).",
+    help="Folder from `flcore certs` (its server/ bundle: ca.pem, server.pem, server.key and "
+    "crl.pem, reread on SIGHUP) for mutual TLS.",
 )
+@passphrase_option
 @insecure_option
 @set_option("; clients need the same")
 @out_option
@@ -232,6 +240,7 @@ def server(
     job_file: str,
     listen: str,
     certs: str | None,
+    passphrase_file: str | None,
     insecure: bool,
     overrides: tuple[str, ...],
     out: str | None,
@@ -259,18 +268,15 @@ def server(
         job = Job.load(job_file, overrides)
         if resume is not None:
             job = resume_job(resume, job)
-        credentials = None
+        credentials = revocations = None
         if certs is not None:
-            from flcore.deploy.certs import SERVER, read_identity
-            from flcore.deploy.server import server_credentials
-
-            credentials = server_credentials(*read_identity(Path(certs), SERVER))
+            credentials, revocations = _server_tls(Path(certs), passphrase_file)
         else:
             click.echo(_PLAINTEXT_WARNING, err=True)
         _check_address(listen, "--listen")
         from flcore.deploy.server import NetworkRuntime
 
-        runtime = NetworkRuntime(job, listen, credentials, make_logger(None))
+        runtime = NetworkRuntime(job, listen, credentials, make_logger(None), revocations)
         result = run_job(
             job,
             out=resume or out,
@@ -285,6 +291,42 @@ def server(
     final = {k: v for k, v in result.final_metrics.items() if k not in {"clients"}}
     click.echo(f"run directory: {result.run_dir}")
     click.echo(f"final metrics: {json.dumps(final, default=str)}")
+
+
+def _server_tls(folder: Any, passphrase_file: str | None) -> tuple[Any, Any]:
+    """The server's mutual-TLS credentials from ``folder`` (or its bundle ``server/``), and
+    the revocation list beside its certificate (``crl.pem``, from `flcore certs --revoke`)."""
+    from flcore.deploy import certs
+    from flcore.deploy.server import server_credentials
+
+    secret = certs.passphrase(passphrase_file, certs.KEY_PASSPHRASE_ENV)
+    ca, cert, key = certs.read_identity(folder, certs.SERVER, secret)
+    crl = certs.identity_folder(folder, certs.SERVER) / certs.CRL
+    return server_credentials(ca, cert, key), certs.Revocations(crl, ca)
+
+
+def _client_tls(
+    folder: Any, name: str, cert: str | None, key: str | None, passphrase_file: str | None
+) -> Any:
+    """The client's mutual-TLS credentials: ``ca.pem`` and ``NAME.pem``/``NAME.key`` from
+    ``folder`` (a bundle, or the issuer's folder), or the files ``cert`` and ``key``."""
+    from pathlib import Path
+
+    from flcore.deploy import certs
+    from flcore.deploy.client import channel_credentials
+
+    secret = certs.passphrase(passphrase_file, certs.KEY_PASSPHRASE_ENV)
+    try:
+        if cert and key:
+            ca = (folder / certs.CA_CERT).read_bytes()
+            own_cert, own_key = Path(cert).read_bytes(), Path(key).read_bytes()
+        else:  # the certificate or key not given is NAME's in the folder
+            ca, own_cert, own_key = certs.read_identity(folder, certs.check_name(name), secret)
+            own_cert = Path(cert).read_bytes() if cert else own_cert
+            own_key = Path(key).read_bytes() if key else own_key
+    except OSError as err:
+        raise certs.CertError(f"cannot read {err.filename}: {err.strerror}") from None
+    return channel_credentials(ca, own_cert, certs.unlock_key(own_key, secret, Path(key or name)))
 
 
 def _check_address(address: str, option: str) -> None:
@@ -320,10 +362,12 @@ def _check_address(address: str, option: str) -> None:
 @click.option(
     "--certs",
     type=click.Path(file_okay=False),
-    help="Folder with ca.pem (the federation's CA), NAME.pem and NAME.key.",
+    help="Folder with ca.pem (the federation's CA), NAME.pem and NAME.key: the client's "
+    "bundle from `flcore certs`, or the issuer's folder that holds it.",
 )
 @click.option("--cert", type=click.Path(dir_okay=False), help="Certificate (default NAME.pem).")
 @click.option("--key", type=click.Path(dir_okay=False), help="Private key (default NAME.key).")
+@passphrase_option
 @insecure_option
 @set_option(": the same as the server's")
 @click.option(
@@ -351,6 +395,7 @@ def client(
     certs: str | None,
     cert: str | None,
     key: str | None,
+    passphrase_file: str | None,
     insecure: bool,
     overrides: tuple[str, ...],
     give_up_after: float,
@@ -396,24 +441,7 @@ def client(
         job = Job.load(job_file, overrides) if job_file is not None else None
         credentials = None
         if certs is not None:
-            from flcore.deploy.certs import CertError, check_name, read_identity
-
-            folder = Path(certs)
-            ca, own_cert, own_key = (
-                read_identity(folder, check_name(name)) if not (cert and key) else (b"", b"", b"")
-            )
-            try:
-                if cert:
-                    own_cert = Path(cert).read_bytes()
-                if key:
-                    own_key = Path(key).read_bytes()
-                if not ca:
-                    ca = (folder / "ca.pem").read_bytes()
-            except OSError as err:
-                raise CertError(f"cannot read {err.filename}: {err.strerror}") from None
-            from flcore.deploy.client import channel_credentials
-
-            credentials = channel_credentials(ca, own_cert, own_key)
+            credentials = _client_tls(Path(certs), name, cert, key, passphrase_file)
         else:
             click.echo(_PLAINTEXT_WARNING, err=True)
         from flcore.deploy.client import serve
@@ -442,29 +470,66 @@ def client(
     "--host",
     "hosts",
     multiple=True,
-    help="Issue server.pem for this DNS name or IP address; repeatable.",
+    help="Issue the bundle server/ for this DNS name or IP address; repeatable.",
 )
 @click.option(
-    "--client", "clients", multiple=True, help="Issue NAME.pem for this client; repeatable."
+    "--client", "clients", multiple=True, help="Issue the bundle NAME/ for this client; repeatable."
+)
+@click.option(
+    "--revoke",
+    "revoked",
+    multiple=True,
+    metavar="NAME",
+    help="Revoke this client's certificate: add it to crl.pem, which the server reads at its "
+    "start and on SIGHUP; repeatable.",
 )
 @click.option("--ca-name", default="flcore federation", show_default=True, help="The CA's name.")
-def certs(folder: str, hosts: tuple[str, ...], clients: tuple[str, ...], ca_name: str) -> None:
-    """Make a federation's certificates in FOLDER: its root CA (once; ca.key stays with
-    whoever issues certificates), a server certificate, client certificates."""
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="Encrypt the keys issued now with the passphrase in this file (else "
+    "$FLCORE_KEY_PASSPHRASE; neither: unencrypted).",
+)
+@click.option(
+    "--ca-passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="The CA key's passphrase, to make or use it (else $FLCORE_CA_PASSPHRASE, else the "
+    "keys' passphrase).",
+)
+def certs(
+    folder: str,
+    hosts: tuple[str, ...],
+    clients: tuple[str, ...],
+    revoked: tuple[str, ...],
+    ca_name: str,
+    passphrase_file: str | None,
+    ca_passphrase_file: str | None,
+) -> None:
+    """Make a federation's certificates in FOLDER: its root CA (once, in FOLDER/ca/, which
+    stays with whoever issues certificates), a bundle per server and client to hand out
+    (FOLDER/NAME/: ca.pem, NAME.pem, NAME.key), and the list of revoked clients."""
     from pathlib import Path
 
-    from flcore.deploy.certs import SERVER, check_name, issue, make_ca
+    from flcore.deploy import certs as fed
     from flcore.errors import FLCoreError
 
     path = Path(folder)
     try:
-        for name in clients:
-            check_name(name)
-        if make_ca(path, ca_name):
-            click.echo(f"created the federation's CA: {path / 'ca.pem'} (keep ca.key private)")
-        if hosts:
-            click.echo(f"issued {issue(path, SERVER, hosts=list(hosts))} for {', '.join(hosts)}")
-        for name in clients:
-            click.echo(f"issued {issue(path, name)} for client {name}")
+        for name in (*clients, *revoked):
+            fed.check_name(name)
+        secret = fed.passphrase(passphrase_file, fed.KEY_PASSPHRASE_ENV)
+        ca_secret = fed.passphrase(ca_passphrase_file, fed.CA_PASSPHRASE_ENV) or secret
+        if fed.make_ca(path, ca_name, secret=ca_secret):
+            click.echo(f"created the federation's CA in {path / fed.CA_DIR} (keep it private)")
+        issued: list[tuple[str, list[str] | None, str]] = (
+            [(fed.SERVER, list(hosts), ", ".join(hosts))] if hosts else []
+        )
+        issued += [(name, None, f"client {name}") for name in clients]
+        for name, names, what in issued:
+            cert = fed.issue(path, name, hosts=names, secret=secret, ca_secret=ca_secret)
+            click.echo(f"issued {cert.parent}/ for {what}")
+        if revoked:
+            crl = fed.revoke(path, list(revoked), ca_secret=ca_secret)
+            click.echo(f"revoked {', '.join(revoked)} in {crl} (send the server SIGHUP)")
     except FLCoreError as err:
         _fail(err)

@@ -31,6 +31,14 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> A
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process ``pid`` (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "events.jsonl"
     if not path.exists():
@@ -54,10 +62,11 @@ class Deployment:
         self.python = str(python) if python is not None else sys.executable
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def certs(self, name: str = "certs", clients: tuple[str, ...] = ()) -> Path:
+    def certs(self, name: str = "certs", clients: tuple[str, ...] = (), *extra: str) -> Path:
+        """``flcore certs`` in ``folder/name`` (a server certificate too for ``certs``)."""
         folder = self.folder / name
         hosts = ["--host", "127.0.0.1"] if name == "certs" else []
-        args = [*hosts, *[a for c in clients for a in ("--client", c)]]
+        args = [*hosts, *[a for c in clients for a in ("--client", c)], *extra]
         done = self.flcore("certs", str(folder), *args)
         assert done.returncode == 0, done.stderr
         return folder
@@ -92,14 +101,20 @@ class Deployment:
         return next(p for q, p in self.procs if q is proc).read_text(errors="replace")
 
     def server(
-        self, job: Path, run_dir: Path, *extra: str, port: int = 0, log: str = "server.log"
+        self,
+        job: Path,
+        run_dir: Path,
+        *extra: str,
+        port: int = 0,
+        log: str = "server.log",
+        certs: str = "certs",
     ) -> tuple[subprocess.Popen[bytes], str]:
-        """Start ``flcore server`` (mutual TLS with ``certs/`` unless ``extra`` says
+        """Start ``flcore server`` (mutual TLS with ``certs`` unless ``extra`` says
         otherwise) and wait until it listens; return it and its address."""
         address = run_dir / "server.json"
         address.unlink(missing_ok=True)
         where = ["--resume", str(run_dir)] if "--resume" in extra else ["--out", str(run_dir)]
-        tls = [] if "--insecure" in extra else ["--certs", str(self.folder / "certs")]
+        tls = [] if "--insecure" in extra else ["--certs", str(self.folder / certs)]
         rest = [e for e in extra if e != "--resume"]
         proc = self.start(
             log, "server", str(job), "--listen", f"127.0.0.1:{port}", *tls, *where, "-v", *rest

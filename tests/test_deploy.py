@@ -104,9 +104,9 @@ def test_clients_outside_the_federation_are_refused(deployment: Deployment, tmp_
         "client-0",
         job_file,
         "--cert",
-        str(evil / "client-0.pem"),
+        str(evil / "client-0" / "client-0.pem"),
         "--key",
-        str(evil / "client-0.key"),
+        str(evil / "client-0" / "client-0.key"),
         "--give-up-after",
         "3",
     )
@@ -116,9 +116,9 @@ def test_clients_outside_the_federation_are_refused(deployment: Deployment, tmp_
         "client-1",
         job_file,
         "--cert",
-        str(tmp_path / "certs" / "intruder.pem"),
+        str(tmp_path / "certs" / "intruder" / "intruder.pem"),
         "--key",
-        str(tmp_path / "certs" / "intruder.key"),
+        str(tmp_path / "certs" / "intruder" / "intruder.key"),
     )
     assert deployment.wait(intruder) == 1
     assert "'intruder' is not allowed by the job" in deployment.log(intruder)

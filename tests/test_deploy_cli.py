@@ -90,3 +90,33 @@ def test_a_client_with_another_job_is_refused(deployment: Deployment, tmp_path: 
     client = deployment.client(address, "client-0", other)
     assert deployment.wait(client) == 1
     assert "job differs from the server's" in deployment.log(client)
+
+
+def test_encrypted_keys_and_revocation_lists_are_checked_before_serving(
+    tmp_path: Path,
+) -> None:
+    job = small_job(job={"clients": 1})
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(job.to_toml())
+    secret = tmp_path / "passphrase"
+    secret.write_text("open sesame\n")
+    folder = str(tmp_path / "certs")
+    unlock = ("--passphrase-file", str(secret))
+    made = flcore("certs", folder, "--host", "127.0.0.1", "--client", "client-0", *unlock)
+    assert made.exit_code == 0, made.output
+    assert "issued" in made.output and "client-0/ for client client-0" in made.output
+    server = ["server", str(job_file), "--listen", "127.0.0.1:0", "--certs", folder]
+    assert "server.key is encrypted: give its passphrase" in error(flcore(*server))
+    client = ["client", "--server", "127.0.0.1:1", "--job", str(job_file), "--name", "client-0"]
+    bundle = str(tmp_path / "certs" / "client-0")
+    assert "client-0.key is encrypted" in error(flcore(*client, "--certs", bundle))
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess")
+    assert "wrong passphrase" in error(
+        flcore(*client, "--certs", bundle, "--passphrase-file", str(wrong))
+    )
+    assert "cannot revoke client-9" in error(
+        flcore("certs", folder, "--revoke", "client-9", *unlock)
+    )
+    (tmp_path / "certs" / "server" / "crl.pem").write_text("garbage")
+    assert "cannot read the revocation list" in error(flcore(*server, *unlock))

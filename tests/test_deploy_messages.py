@@ -52,8 +52,8 @@ def test_bad_messages_are_refused_and_the_others_are_served(
 
     creds = channel_credentials(
         (certs / "ca.pem").read_bytes(),
-        (certs / "client-1.pem").read_bytes(),
-        (certs / "client-1.key").read_bytes(),
+        (certs / "client-1" / "client-1.pem").read_bytes(),
+        (certs / "client-1" / "client-1.key").read_bytes(),
     )
     with grpc.secure_channel(address, creds, options=wire.grpc_options()) as channel:
         join = channel.unary_unary(wire.JOIN)

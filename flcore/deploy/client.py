@@ -34,6 +34,27 @@ RETRY = {
 }
 
 
+#: How long a client keeps trying a call that the server refused as one too many
+#: (RESOURCE_EXHAUSTED) before it counts the connection as lost.
+BUSY_PATIENCE = 60.0
+
+
+def patient(call: Callable[[], T], patience: float = BUSY_PATIENCE) -> T:
+    """``call()``, tried again while the server says it is busy. It refuses such a call
+    before reading it (another holder of this client's name, or a flood, fills its slots),
+    so trying again is safe and keeps the session and the request it is working on."""
+    backoff, deadline = 0.05, time.monotonic() + patience
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            busy = getattr(err, "code", lambda: None)() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if not busy or time.monotonic() + backoff > deadline:
+                raise
+        time.sleep(backoff)
+        backoff = min(2 * backoff, 1.0)
+
+
 class ClientRefused(FLCoreError):
     """The server refused this client for good (not allowed, wrong job, bad certificate)."""
 
@@ -87,20 +108,25 @@ class Connection:
         return answer
 
     def beat(self, timeout: float) -> None:
-        self.beat_rpc(wire.pack({"session": self.session}), timeout=timeout)
+        message = wire.pack({"session": self.session})
+        patient(lambda: self.beat_rpc(message, timeout=timeout), patience=timeout)
 
     def next(self, max_size: int) -> tuple[dict[str, Any], bytearray]:
-        return wire.receive(
-            self.next_rpc(wire.pack({"session": self.session}), timeout=wire_timeout(max_size)),
-            max_size,
-            "request from the server",
+        message = wire.pack({"session": self.session})
+        return patient(
+            lambda: wire.receive(
+                self.next_rpc(message, timeout=wire_timeout(max_size)),
+                max_size,
+                "request from the server",
+            )
         )
 
     def reply(self, task: str, payload: bytes | bytearray | None, error: str | None) -> None:
         header: dict[str, Any] = {"session": self.session, "task": task}
         if error is not None:
             header["error"] = error
-        self.reply_rpc(wire.stream(header, payload), timeout=wire_timeout(len(payload or b"")))
+        timeout = wire_timeout(len(payload or b""))
+        patient(lambda: self.reply_rpc(wire.stream(header, payload), timeout=timeout))
 
     def close(self) -> None:
         self.channel.close()

@@ -5,17 +5,25 @@ Clients pull: a client joins (``Join``), then asks for work (``Next``, a long po
 answers a request or "idle"), uploads its reply (``Reply``) and beats (``Beat``) every
 ``[job] heartbeat_interval`` seconds. The trainer's thread is the only one that fires
 hooks; gRPC's threads only move bytes and update the members' state under one lock.
+
+Every call first passes the :class:`Guard`: the peer's certificate must name an allowed,
+unrevoked client before any handler reads a byte, one client holds at most
+:data:`MAX_STREAMS_PER_CLIENT` calls, and a call that waits on its peer past a deadline is
+cancelled, so neither an idle nor a slow stream can hold one of gRPC's few threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import queue
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ from flcore.client import client_name
 from flcore.codec import Payload, write_atomic
 from flcore.context import ServerContext
 from flcore.deploy import wire
+from flcore.deploy.certs import CertError, Revocations
 from flcore.errors import FLCoreError
 from flcore.runtime.base import ClientResult, Runtime
 
@@ -35,6 +44,18 @@ MISSED_BEATS = 4
 POLL_SECONDS = 2.0
 #: What ``flcore server`` writes to the run directory once it listens.
 ADDRESS_FILE = "server.json"
+#: Calls one client may have open at once. It needs two (its heartbeat and its work); more
+#: are refused at once, so that no name, allowed or stolen, can hold the server's threads.
+MAX_STREAMS_PER_CLIENT = 4
+#: Threads beyond MAX_STREAMS_PER_CLIENT per client: room for the calls being refused.
+SPARE_THREADS = 16
+#: A call's first message is a small header that a client sends as it opens the call.
+FIRST_MESSAGE_SECONDS = 5.0
+#: After it, a call that moves no message either way for this long is cancelled: a 1 MiB
+#: chunk in 30 s is a link too slow for a federation anyway.
+STALL_SECONDS = 30.0
+#: How often the watchdog looks for stuck calls (and a SIGHUP's request to reread the CRL).
+WATCH_SECONDS = 0.25
 
 
 def allowed_clients(job: Any) -> list[str]:
@@ -81,12 +102,231 @@ class Member:
     current: Task | None = None
     #: Registered with the chain (``client_register`` fired, ``client_quit`` not yet).
     registered: bool = False
+    #: The gRPC peer (``ipv4:HOST:PORT``) of its last join, for the audit of its events.
+    address: str | None = None
+
+
+def tls_name(context: Any) -> str | None:
+    """The common name of the peer's certificate (None without TLS)."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode(errors="replace") if names else None
+
+
+def not_allowed(name: object, members: Iterable[str]) -> str:
+    return f"client {name!r} is not allowed by the job ([job] allowed_clients: {sorted(members)})"
+
+
+@attrs.define(eq=False)
+class Stream:
+    """One call in progress: who makes it (once known), from where, and since when it has
+    been waiting on its peer (None while the server itself works on it)."""
+
+    context: Any = attrs.field(repr=False)
+    method: str
+    peer: str
+    name: str | None = None
+    #: Counted against ``name``'s MAX_STREAMS_PER_CLIENT.
+    claimed: bool = False
+    messages: int = 0
+    waiting_since: float | None = None
+    cancelled: bool = False
+
+    def deadline(self) -> float:
+        return FIRST_MESSAGE_SECONDS if self.messages == 0 else STALL_SECONDS
+
+
+class Guard:
+    """What a call passes before any handler works on it, and the watchdog that cancels a
+    call stuck on its peer. gRPC runs each call on one of a few threads, and a call that
+    waits on its peer holds its thread: these bounds keep them free for honest clients."""
+
+    def __init__(self, fed: Federation, revocations: Revocations | None) -> None:
+        self.fed = fed
+        self.revocations = revocations
+        self.streams: dict[Any, Stream] = {}
+        self.per_name: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        #: Set by SIGHUP; the watchdog rereads the revocation list (never in a signal handler).
+        self.reload = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def call(self, context: Any, method: str) -> Iterator[Stream]:
+        """Admit one call for as long as its handler runs; the certificate is checked first
+        thing, before any message is read."""
+        stream = Stream(context, method, context.peer())
+        with self.lock:
+            self.streams[context] = stream
+        try:
+            if self.fed.identity_from_tls:
+                self.check_certificate(stream)
+            yield stream
+        finally:
+            with self.lock:
+                del self.streams[context]
+                if stream.claimed:
+                    assert stream.name is not None
+                    self.per_name[stream.name] -= 1
+
+    def check_certificate(self, stream: Stream) -> None:
+        fed, context = self.fed, stream.context
+        name = tls_name(context)
+        if name is None:
+            fed.refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "client_refused",
+                "no client certificate common name",
+            )
+        if name not in fed.members:
+            fed.refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "client_refused",
+                not_allowed(name, fed.members),
+                client=name,
+            )
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        if self.revocations is not None and self.revocations.revoked(pem):
+            fed.refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "client_revoked",
+                f"the certificate of {name!r} is revoked",
+                client=name,
+            )
+        assert name is not None
+        self.claim(context, name)
+
+    def claim(self, context: Any, name: str) -> None:
+        """Count the call against ``name`` (the certificate's, or with ``--insecure`` the one
+        its first message claims); refuse it at once beyond MAX_STREAMS_PER_CLIENT."""
+        with self.lock:
+            stream = self.streams[context]
+            if stream.claimed:
+                return
+            full = self.per_name[name] >= MAX_STREAMS_PER_CLIENT
+            if not full:
+                self.per_name[name] += 1
+                stream.name, stream.claimed = name, True
+        if full:
+            self.fed.refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "rpc_refused",
+                f"{name} has {MAX_STREAMS_PER_CLIENT} calls open, the most one client may",
+                client=name,
+            )
+
+    def stream(self, context: Any) -> Stream | None:
+        return self.streams.get(context)
+
+    def read(self, context: Any, requests: Iterable[bytes]) -> Iterator[bytes]:
+        """The call's messages, each awaited under the watchdog's deadline."""
+        stream = self.streams[context]
+        it = iter(requests)
+        while True:
+            stream.waiting_since = time.monotonic()
+            try:
+                message = next(it)
+            except StopIteration:
+                if stream.cancelled:  # by the watchdog, whose event is this call's one
+                    context.abort(grpc.StatusCode.CANCELLED, "cancelled: its peer was idle")
+                return
+            finally:
+                stream.waiting_since = None
+            stream.messages += 1
+            yield message
+
+    def first(self, context: Any, requests: Iterable[bytes], what: str) -> bytes:
+        """The one message of a call that a client makes as a unary call."""
+        for message in self.read(context, requests):
+            return message
+        self.fed.refuse(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "message_refused",
+            f"truncated {what} call: it ended before its message",
+        )
+        raise AssertionError  # abort raised
+
+    def write(self, context: Any, responses: Iterable[bytes]) -> Iterator[bytes]:
+        """``responses``, each one's sending (gRPC resumes us once it is sent) under the
+        watchdog's deadline: a peer that stops reading is cancelled too."""
+        stream = self.streams[context]
+        for message in responses:
+            stream.waiting_since = time.monotonic()
+            yield message
+            stream.waiting_since = None
+
+    # -- the watchdog's thread -------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.watch, name="flcore-watchdog", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def watch(self) -> None:
+        while not self.done.wait(WATCH_SECONDS):
+            if self.reload.is_set():
+                self.reload.clear()
+                self.reread_revocations()
+            self.cancel_stuck(time.monotonic())
+
+    def cancel_stuck(self, now: float) -> None:
+        """Cancel every call that has waited on its peer past its deadline."""
+        with self.lock:
+            stuck = [
+                s
+                for s in self.streams.values()
+                if not s.cancelled
+                and s.waiting_since is not None
+                and now - s.waiting_since > s.deadline()
+            ]
+            for stream in stuck:
+                stream.cancelled = True
+        for stream in stuck:
+            stream.context.cancel()
+            reason = (
+                f"sent nothing within {FIRST_MESSAGE_SECONDS:g} s of opening the call"
+                if stream.messages == 0
+                else f"moved no message for {STALL_SECONDS:g} s"
+            )
+            self.fed.log.warning(
+                "stream_cancelled",
+                client=stream.name,
+                peer=stream.peer,
+                method=stream.method,
+                reason=reason,
+            )
+
+    def reread_revocations(self) -> None:
+        """SIGHUP: read the CRL again; a bad one is logged and the last good list kept."""
+        if self.revocations is None:
+            return
+        try:
+            count = self.revocations.reload()
+        except CertError as err:
+            self.fed.log.warning("revocations_refused", reason=str(err))
+        else:
+            self.fed.log.info("revocations_loaded", path=str(self.revocations.path), revoked=count)
 
 
 class Federation:
     """The gRPC service's state: who may join, who is connected, what each is working on."""
 
-    def __init__(self, job: Any, log: Any, identity_from_tls: bool) -> None:
+    def __init__(
+        self,
+        job: Any,
+        log: Any,
+        identity_from_tls: bool,
+        revocations: Revocations | None = None,
+    ) -> None:
         self.job = job
         self.log = log
         self.identity_from_tls = identity_from_tls
@@ -98,35 +338,31 @@ class Federation:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.stopping = False
+        self.guard = Guard(self, revocations)
 
     # -- gRPC handlers (gRPC's threads) ---------------------------------------------
 
     def refuse(self, context: Any, code: Any, event: str, reason: str, **fields: Any) -> None:
+        """Abort the call with ``reason``, leaving one audit event that names the peer's
+        address, and its client and method where known."""
+        stream = self.guard.stream(context)
+        if stream is not None:
+            fields.setdefault("method", stream.method)
+            if stream.name is not None:
+                fields.setdefault("client", stream.name)
         self.log.warning(event, reason=reason, peer=context.peer(), **fields)
         context.abort(code, reason)
-
-    def tls_name(self, context: Any) -> str | None:
-        names = context.auth_context().get("x509_common_name") or []
-        return names[0].decode() if names else None
 
     def identify(self, hello: dict[str, Any], context: Any) -> str:
         """The allowed name of the client behind ``hello``, or refuse it."""
         claimed = hello.get("name")
-        name = self.tls_name(context) if self.identity_from_tls else claimed
-        if self.identity_from_tls and name is None:
-            self.refuse(
-                context,
-                grpc.StatusCode.UNAUTHENTICATED,
-                "client_refused",
-                "no client certificate common name",
-            )
+        name = tls_name(context) if self.identity_from_tls else claimed
         if not isinstance(name, str) or name not in self.members:
             self.refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "client_refused",
-                f"client {name!r} is not allowed by the job ([job] allowed_clients: "
-                f"{sorted(self.members)})",
+                not_allowed(name, self.members),
                 client=name,
             )
         if claimed is not None and claimed != name:
@@ -138,24 +374,27 @@ class Federation:
                 client=name,
             )
         assert isinstance(name, str)
+        self.guard.claim(context, name)
         return name
+
+    def unpack(self, request: bytes, context: Any, what: str, event: str) -> dict[str, Any]:
+        try:
+            return wire.unpack(request, what)
+        except wire.WireError as err:
+            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, event, str(err))
+            raise AssertionError from None  # abort raised
 
     def send_job(self, request: bytes, context: Any) -> Iterator[bytes]:
         """The resolved job's TOML text, for an allowed client started without ``--job``
         (it replaces the task with its own; the text is data, parsed with tomllib)."""
-        try:
-            hello = wire.unpack(request, "job request")
-        except wire.WireError as err:
-            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "client_refused", str(err))
-        name = self.identify(hello, context)
+        name = self.identify(
+            self.unpack(request, context, "job request", "client_refused"), context
+        )
         self.log.info("job_sent", client=name, peer=context.peer())
         yield from wire.stream({}, self.job_text)
 
     def join(self, request: bytes, context: Any) -> bytes:
-        try:
-            hello = wire.unpack(request, "join request")
-        except wire.WireError as err:
-            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "client_refused", str(err))
+        hello = self.unpack(request, context, "join request", "client_refused")
         name = self.identify(hello, context)
         own_task = hello.get("own_task") is True
         if hello.get("job") != (self.shared if own_task else self.digest):
@@ -179,37 +418,36 @@ class Federation:
             member.inbox = queue.Queue()
             member.session = uuid.uuid4().hex
             member.last_seen = time.monotonic()
+            member.address = context.peer()
             session = member.session
             self.changed.notify_all()
         self.log.info("client_joined", client=name, peer=context.peer())
         return wire.pack({"session": session, "heartbeat": self.job.job.heartbeat_interval})
 
     def member(self, session: Any, context: Any, what: str) -> Member:
+        found = None
         with self.lock:
             for member in self.members.values():
                 if session is not None and member.session == session:
-                    if self.identity_from_tls and self.tls_name(context) != member.name:
-                        break
-                    member.last_seen = time.monotonic()
-                    return member
-        self.refuse(
-            context, grpc.StatusCode.NOT_FOUND, "message_refused", f"{what}: unknown session"
-        )
-        raise AssertionError  # abort raised
+                    if not self.identity_from_tls or tls_name(context) == member.name:
+                        member.last_seen = time.monotonic()
+                        found = member
+                    break
+        if found is None:
+            self.refuse(
+                context, grpc.StatusCode.NOT_FOUND, "message_refused", f"{what}: unknown session"
+            )
+            raise AssertionError  # abort raised
+        self.guard.claim(context, found.name)
+        return found
 
     def beat(self, request: bytes, context: Any) -> bytes:
-        try:
-            session = wire.unpack(request, "heartbeat").get("session")
-        except wire.WireError as err:
-            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "message_refused", str(err))
+        session = self.unpack(request, context, "heartbeat", "message_refused").get("session")
         self.member(session, context, "heartbeat")
         return b"{}"
 
     def next(self, request: bytes, context: Any) -> Iterator[bytes]:
-        try:
-            session = wire.unpack(request, "work request").get("session")
-        except wire.WireError as err:
-            self.refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "message_refused", str(err))
+        session = self.unpack(request, context, "work request", "message_refused").get("session")
         member = self.member(session, context, "work request")
         if self.stopping:
             yield wire.pack({"stop": True, "size": 0})
@@ -229,7 +467,7 @@ class Federation:
             member.current = task
         yield from wire.stream({"task": task.id, "request": task.request}, task.payload)
 
-    def reply(self, messages: Iterator[bytes], context: Any) -> bytes:
+    def reply(self, messages: Iterable[bytes], context: Any) -> bytes:
         found: list[Member] = []
 
         def check(header: dict[str, Any]) -> None:
@@ -269,17 +507,60 @@ class Federation:
         return b"{}"
 
     def handler(self) -> Any:
-        identity = None
+        """Every method takes a stream of requests, even those a client calls with one, so
+        that the guard runs before any message is read (gRPC reads a unary call's request
+        before its handler runs, holding a thread for as long as the peer sends nothing)."""
+        guard = self.guard
+
+        def one_answer(method: str, answer: Any) -> Any:
+            def handle(requests: Iterator[bytes], context: Any) -> bytes:
+                with guard.call(context, method):
+                    return answer(guard.first(context, requests, method), context)
+
+            return grpc.stream_unary_rpc_method_handler(handle)
+
+        def streamed(method: str, answer: Any) -> Any:
+            def handle(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+                with guard.call(context, method):
+                    request = guard.first(context, requests, method)
+                    yield from guard.write(context, answer(request, context))
+
+            return grpc.stream_stream_rpc_method_handler(handle)
+
+        def reply(requests: Iterator[bytes], context: Any) -> bytes:
+            with guard.call(context, "Reply"):
+                return self.reply(guard.read(context, requests), context)
+
         return grpc.method_handlers_generic_handler(
             wire.SERVICE,
             {
-                "Join": grpc.unary_unary_rpc_method_handler(self.join, identity, identity),
-                "Job": grpc.unary_stream_rpc_method_handler(self.send_job, identity, identity),
-                "Beat": grpc.unary_unary_rpc_method_handler(self.beat, identity, identity),
-                "Next": grpc.unary_stream_rpc_method_handler(self.next, identity, identity),
-                "Reply": grpc.stream_unary_rpc_method_handler(self.reply, identity, identity),
+                "Join": one_answer("Join", self.join),
+                "Job": streamed("Job", self.send_job),
+                "Beat": one_answer("Beat", self.beat),
+                "Next": streamed("Next", self.next),
+                "Reply": grpc.stream_unary_rpc_method_handler(reply),
             },
         )
+
+
+def audited(log: Any, members: Mapping[str, Member]) -> Any:
+    """``log``, adding the address of the client an event names: the trainer logs refused
+    contributions and drops by the client's name only, and the audit wants where from."""
+    import structlog
+
+    def add_peer(_logger: Any, _method: str, event: Any) -> Any:
+        member = members.get(event.get("client")) if isinstance(event.get("client"), str) else None
+        if member is not None and member.address is not None:
+            event.setdefault("peer", member.address)
+        return event
+
+    return structlog.wrap_logger(
+        log,
+        processors=[add_peer],
+        wrapper_class=structlog.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    ).bind()
 
 
 def server_credentials(ca: bytes, cert: bytes, key: bytes) -> Any:
@@ -291,15 +572,27 @@ def server_credentials(ca: bytes, cert: bytes, key: bytes) -> Any:
 
 
 class NetworkRuntime(Runtime):
-    """Clients in other processes, reached over gRPC. ``credentials`` None: plaintext."""
+    """Clients in other processes, reached over gRPC. ``credentials`` None: plaintext.
+    ``revocations``: the CA's list of revoked client certificates, reread on SIGHUP."""
 
-    def __init__(self, job: Any, listen: str, credentials: Any, log: Any) -> None:
+    def __init__(
+        self,
+        job: Any,
+        listen: str,
+        credentials: Any,
+        log: Any,
+        revocations: Revocations | None = None,
+    ) -> None:
         self.job = job
         self.listen = listen
         self.credentials = credentials
-        self.federation = Federation(job, log, identity_from_tls=credentials is not None)
+        self.federation = Federation(
+            job, log, identity_from_tls=credentials is not None, revocations=revocations
+        )
         self.server: Any = None
         self.address: str | None = None
+        self.plain_log: Any = None
+        self.sighup: Any = None
 
     # -- the runtime seam (the trainer's thread) ----------------------------------
 
@@ -307,13 +600,14 @@ class NetworkRuntime(Runtime):
         from concurrent import futures
 
         fed = self.federation
-        fed.log = ctx.log
+        self.plain_log = ctx.log
+        ctx.log = fed.log = audited(ctx.log, fed.members)
         members = len(fed.members)
+        threads = MAX_STREAMS_PER_CLIENT * members + SPARE_THREADS
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=4 * members + 8, thread_name_prefix="flcore-rpc"
-            ),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flcore-rpc"),
             options=wire.grpc_options(),
+            maximum_concurrent_rpcs=threads,  # a call beyond is refused, never queued
         )
         self.server.add_generic_rpc_handlers((fed.handler(),))
         try:
@@ -326,6 +620,8 @@ class NetworkRuntime(Runtime):
         if port == 0:
             raise FLCoreError(f"cannot listen on {self.listen} (in use, or not an address)")
         self.server.start()
+        self.watch_revocations(ctx)
+        fed.guard.start()
         host = self.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         ctx.log.info("server_listening", address=self.address, tls=self.credentials is not None)
@@ -396,6 +692,19 @@ class NetworkRuntime(Runtime):
                 self.drop(ctx, name, reason)
                 yield ClientResult(name, error=f"dropped: {reason}")
 
+    def watch_revocations(self, ctx: ServerContext) -> None:
+        """Log the revocation list read at start; SIGHUP asks the watchdog to reread it."""
+        guard = self.federation.guard
+        if guard.revocations is None:
+            return
+        ctx.log.info(
+            "revocations_loaded",
+            path=str(guard.revocations.path),
+            revoked=len(guard.revocations.serials),
+        )
+        if threading.current_thread() is threading.main_thread():
+            self.sighup = signal.signal(signal.SIGHUP, lambda *_: guard.reload.set())
+
     def drop(self, ctx: ServerContext, name: str, reason: str) -> None:
         """A client died or stalled: forget its connection, fire ``client_quit``."""
         fed = self.federation
@@ -440,6 +749,12 @@ class NetworkRuntime(Runtime):
             time.sleep(0.05)
         self.server.stop(grace=1.0).wait()
         self.server = None
+        fed.guard.stop()
+        if self.sighup is not None:
+            signal.signal(signal.SIGHUP, self.sighup)
+            self.sighup = None
+        if self.plain_log is not None:
+            ctx.log, self.plain_log = self.plain_log, None
 
 
 def read_address(run_dir: Path) -> str:
