@@ -108,7 +108,7 @@ def run(
             console_level="info" if verbose else "warning",
             resume=resume is not None,
         )
-    except FLCoreError as err:
+    except (FLCoreError, OSError) as err:  # an OSError: a disk the run cannot write
         _fail(err)
         return
     final = {k: v for k, v in result.final_metrics.items() if k not in {"clients"}}
@@ -285,7 +285,7 @@ def server(
             resume=resume is not None,
             runtime=runtime,
         )
-    except FLCoreError as err:
+    except (FLCoreError, OSError) as err:  # an OSError: a disk the run cannot write
         _fail(err)
         return
     final = {k: v for k, v in result.final_metrics.items() if k not in {"clients"}}

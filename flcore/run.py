@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -10,12 +11,16 @@ from typing import Any, Literal
 
 import attrs
 
+from flcore import codec
 from flcore.chain import Chain
+from flcore.durable import StorageError
 from flcore.errors import FLCoreError
 from flcore.job import Job
 from flcore.logging import close_logger, make_logger
 from flcore.task import load_task
-from flcore.training import GLOBAL_MODEL, Training
+from flcore.training import GLOBAL_MODEL, ResumeRefused, Training
+
+SUMMARY = "summary.json"
 
 
 @attrs.frozen
@@ -56,13 +61,26 @@ def new_run_dir(job: Job, out: str | Path | None) -> Path:
         while path.exists():
             suffix += 1
             path = Path("runs") / f"{job.job.name}-{stamp}-{suffix}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(path, err) from err
     return path.resolve()
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a file of the run directory atomically; a full disk is a :class:`StorageError`."""
+    try:
+        codec.write_atomic(path, text.encode())
+    except OSError as err:
+        raise StorageError(path, err) from err
 
 
 def resume_job(run_dir: str | Path, job: Job | None = None) -> Job:
     """The job of the run in ``run_dir``; a ``job`` given as well must be the same job
-    (anything else would not continue the run to the weights it was heading for)."""
+    (anything else would not continue the run to the weights it was heading for). A
+    ``job.toml`` edited since the run began is refused when the checkpoint is read: it
+    records the job's digest (:meth:`Training.load_checkpoint`)."""
     path = Path(run_dir) / "job.toml"
     if not path.is_file():
         raise FLCoreError(f"cannot resume {str(run_dir)!r}: no job.toml (not a run directory)")
@@ -91,7 +109,8 @@ def run_job(
     server`` passes its network runtime this way).
 
     Raises :class:`flcore.training.RunFailed` when a round fails under the ``abort`` policy,
-    after the run directory holds the last completed round.
+    or the run directory cannot be written (a full disk), after the run directory holds the
+    last completed round; ``summary.json`` then says why and which round that is.
     """
     training = prepare(job, extra_plugins)
     if runtime is not None:
@@ -112,19 +131,40 @@ def run_job(
         for warning in job.warnings:
             log.warning("job_warning", message=warning)
         if not resume:
-            (run_dir / "job.toml").write_text(job.to_toml(), encoding="utf-8")
+            _write(run_dir / "job.toml", job.to_toml())
         training.run_dir = run_dir
         training.ctx.run_dir = run_dir
         training.ctx.log = log.bind(job=job.job.name)
         training.ctx.console = console
-        training.run(resume=resume)
+        try:
+            training.run(resume=resume)
+        except FLCoreError as err:
+            if not isinstance(err, ResumeRefused):  # a refused resume leaves the run as it was
+                _write_failure_summary(training, err)
+            raise
         result = RunResult(run_dir, training.history)
-        summary = {
-            "run_dir": str(run_dir),
-            "rounds": training.completed_round,
-            "final": result.final_metrics,
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        _write(run_dir / SUMMARY, _summary(training, training.completed_round))
         return result
     finally:
         close_logger(log)
+
+
+def _summary(training: Training, rounds: int, failed: Exception | None = None) -> str:
+    """``summary.json``: the last completed round, its metrics and, for a run that
+    stopped, why."""
+    done = [m for m in training.history if m.get("round", 0) <= rounds]
+    summary: dict[str, Any] = {
+        "run_dir": str(training.run_dir),
+        "rounds": rounds,
+        "final": done[-1] if done else {},
+    }
+    if failed is not None:
+        summary["failed"] = str(failed)
+    return json.dumps(summary, indent=2, default=str) + "\n"
+
+
+def _write_failure_summary(training: Training, err: Exception) -> None:
+    """Best effort: the disk that stopped the run may have no room for it either."""
+    assert training.run_dir is not None
+    with contextlib.suppress(StorageError):
+        _write(training.run_dir / SUMMARY, _summary(training, training.saved_round, err))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from flcore import hookimpl
+from flcore import hookimpl, training
+from flcore.durable import StorageError
 from flcore.errors import FLCoreError
-from flcore.run import run_job
-from flcore.training import RunFailed
+from flcore.run import resume_job, run_job
+from flcore.training import ResumeRefused, RunFailed
 from tests.conftest import ROOT, small_job
 
 
@@ -138,22 +141,179 @@ def flcore(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_flcore_run_resume_on_the_command_line(tmp_path: Path) -> None:
-    # a run of the core's defaults only, cut after round 1: a 1-round run's files under
-    # the 3-round job (round 1 of both is the same round)
+def test_flcore_run_resume_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a run of the core's defaults only, stopped by a full disk after round 1
     whole = run_job(small_job(job={"rounds": 3}), out=tmp_path / "whole")
-    cut = run_job(small_job(job={"rounds": 1}), out=tmp_path / "cut1")
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "cut" / "job.toml").write_text(small_job(job={"rounds": 3}).to_toml())
-    for name in ("global_model.safetensors", "metrics.jsonl"):
-        (tmp_path / "cut" / name).write_bytes((cut.run_dir / name).read_bytes())
-    done = flcore("run", "--resume", str(tmp_path / "cut"))
+    cut = cut_after(1, tmp_path / "cut", monkeypatch)
+    done = flcore("run", "--resume", str(cut))
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "cut" / "global_model.safetensors").read_bytes() == (
-        whole.global_model_path.read_bytes()
-    )
-    again = flcore("run", "--resume", str(tmp_path / "cut"))
+    assert (cut / "global_model.safetensors").read_bytes() == whole.global_model_path.read_bytes()
+    again = flcore("run", "--resume", str(cut))
     assert again.returncode == 1 and "all 3 rounds are done" in again.stderr
     assert "give a JOB_FILE" in flcore("run").stderr
     assert "drop --out" in flcore("run", "--resume", "x", "--out", "y").stderr
     assert "--set needs the JOB_FILE" in flcore("run", "--resume", "x", "--set", "a.b=1").stderr
+
+
+# -- what a crash or a full disk leaves, and what a resume refuses ----------------------
+
+
+def three_rounds() -> Any:
+    return small_job(job={"rounds": 3})
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The final global model of the uninterrupted three-round run."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return run_job(three_rounds(), out=out).global_model_path.read_bytes()
+
+
+def cut_after(
+    round_: int, run: Path, monkeypatch: pytest.MonkeyPatch, resume: bool = False
+) -> Path:
+    """``run`` of :func:`three_rounds`, stopped by a full disk at the metrics line of the
+    round after ``round_`` (or finished when that is past the last)."""
+    real = training.append_to
+
+    def append_to(path: Path, line: bytes) -> None:
+        if json.loads(line)["round"] == round_ + 1:
+            raise StorageError(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        real(path, line)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "append_to", append_to)
+        with pytest.raises(RunFailed, match=f"round {round_} complete"):
+            run_job(three_rounds(), out=run, resume=resume)
+    return run
+
+
+def events(run: Path, name: str) -> list[dict[str, Any]]:
+    lines = (run / "events.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+def resume(run: Path) -> Any:
+    return run_job(resume_job(run), out=run, resume=True)
+
+
+def test_a_torn_last_metrics_line_is_dropped(
+    whole: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    with open(run / "metrics.jsonl", "ab") as fh:
+        fh.write(b'{"round": 2, "test": {"loss": 2.29')  # the line a crash cut short
+    result = resume(run)
+    assert result.global_model_path.read_bytes() == whole
+    assert [m["round"] for m in result.history] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    (dropped,) = events(run, "metrics_line_dropped")
+    assert dropped["line"] == 2 and dropped["reason"] == "torn"
+
+
+def test_a_bad_metrics_line_before_the_last_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(2, tmp_path / "run", monkeypatch)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"[" * 100_000 + b"\n" + lines[1])
+    with pytest.raises(ResumeRefused, match=r"metrics\.jsonl line 1 is not a JSON object"):
+        resume(run)
+
+
+def orphan(path: Path) -> None:
+    """What a process killed while :func:`flcore.codec.write_atomic` wrote ``path`` leaves."""
+    code = (
+        "import os, sys; from pathlib import Path; from flcore import codec; "
+        "codec._write_atomic(Path(sys.argv[1]), lambda fh: (fh.write(b'x' * 4096), os._exit(0)))"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=ROOT)
+
+
+def test_temporary_files_that_killed_writes_left_are_removed(
+    whole: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    orphan(run / "global_model.safetensors")
+    orphan(run / "rounds" / "0002" / "global_model.safetensors")
+    (run / "notes.tmp").write_text("not ours")
+    temps = sorted(str(p.relative_to(run)) for p in run.rglob(".*.tmp"))
+    assert len(temps) == 2
+    result = resume(run)
+    assert result.global_model_path.read_bytes() == whole
+    assert not list(run.rglob(".*.tmp")) and (run / "notes.tmp").exists()
+    (removed,) = events(run, "temp_files_removed")
+    assert removed["files"] == temps
+
+
+def test_a_flipped_bit_in_the_model_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    model = bytearray((run / "global_model.safetensors").read_bytes())
+    model[-3] ^= 0x10  # a weight's bit: the file still decodes
+    (run / "global_model.safetensors").write_bytes(model)
+    with pytest.raises(
+        ResumeRefused,
+        match=r"global_model\.safetensors \(round 1, sha256 \w+\.\.\.\) is not the model "
+        r"checkpoint\.json records",
+    ):
+        resume(run)
+    result = flcore("run", "--resume", str(run))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and "is not the model checkpoint.json records" in result.stderr
+    )
+
+
+def test_an_edited_job_toml_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    job_toml = run / "job.toml"
+    job_toml.write_text(job_toml.read_text().replace("lr = 0.1", "lr = 0.2"))
+    with pytest.raises(ResumeRefused, match=r"its job\.toml differs from the job the run was"):
+        resume(run)
+    given = tmp_path / "job.toml"  # the same edit given on the command line as well
+    given.write_text(job_toml.read_text())
+    result = flcore("run", str(given), "--resume", str(run))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "its job.toml differs" in result.stderr
+
+
+def test_a_checkpoint_behind_the_model_is_accepted_and_logged(
+    whole: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    round_1 = (run / "checkpoint.json").read_bytes()
+    cut_after(2, run, monkeypatch, resume=True)
+    (run / "checkpoint.json").write_bytes(round_1)  # the model of round 2 is newer
+    assert resume(run).global_model_path.read_bytes() == whole
+    (behind,) = events(run, "checkpoint_behind")
+    assert behind["round"] == 2 and behind["checkpoint_round"] == 1
+
+
+def test_a_checkpoint_without_digests_is_accepted_and_logged(
+    whole: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    old = json.loads((run / "checkpoint.json").read_text())
+    for key in ("sha256", "previous", "job_sha256"):  # as an older flcore wrote it
+        del old[key]
+    (run / "checkpoint.json").write_text(json.dumps(old))
+    assert resume(run).global_model_path.read_bytes() == whole
+    assert events(run, "checkpoint_unverified")
+
+
+def test_a_missing_or_broken_checkpoint_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = cut_after(1, tmp_path / "run", monkeypatch)
+    (run / "checkpoint.json").write_text("{")
+    with pytest.raises(ResumeRefused, match=r"checkpoint\.json is not a JSON object"):
+        resume(run)
+    (run / "checkpoint.json").unlink()
+    with pytest.raises(ResumeRefused, match=r"it has no checkpoint\.json"):
+        resume(run)
