@@ -165,10 +165,10 @@ def job_from_server(
     """The job a client without ``--job`` runs: the server's resolved job ``text`` (TOML,
     parsed as data), with ``[job] task`` and ``[task]`` replaced by this client's own choice
     (``task`` and ``key=value`` settings), so the server never picks what the client imports."""
-    from flcore.job import Job, apply_override
+    from flcore.job import Job, apply_override, loads_toml
 
     try:
-        data = tomllib.loads(text)
+        data = loads_toml(text, "the job from the server")
     except tomllib.TOMLDecodeError as err:
         raise JobError(f"malformed job from the server: not valid TOML: {err}") from None
     if not isinstance(data.get("job"), dict):

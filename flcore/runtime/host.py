@@ -9,7 +9,6 @@ and one decoded request. A simulation keeps each client's state under
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ class ClientHost:
     ) -> None:
         from flcore.chain import Chain
         from flcore.client import Client, RequestMemo
-        from flcore.job import Job
+        from flcore.job import Job, loads_toml
         from flcore.logging import make_logger
         from flcore.task import load_task
 
@@ -56,7 +55,7 @@ class ClientHost:
         self.log = log.bind(worker=worker) if worker is not None else log
         log = self.log
 
-        job = Job.from_dict(tomllib.loads(job_text), source=source)
+        job = Job.from_dict(loads_toml(job_text, source), source=source)
         task = load_task(job)
         chain = Chain.for_job(job)
         model = task.model()  # one for all of this host's clients, as in the embedded runtime
