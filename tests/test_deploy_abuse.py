@@ -19,7 +19,8 @@ import pytest
 from flcore.deploy import wire
 from flcore.deploy.certs import read_identity
 from flcore.deploy.client import channel_credentials
-from flcore.deploy.server import FIRST_MESSAGE_SECONDS, MAX_STREAMS_PER_CLIENT, job_digest
+from flcore.deploy.guard import FIRST_MESSAGE_SECONDS, MAX_STREAMS_PER_CLIENT
+from flcore.deploy.server import job_digest
 from flcore.job import Job
 from flcore.run import run_job
 from tests.conftest import small_job
