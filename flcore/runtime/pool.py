@@ -204,6 +204,8 @@ class ProcessPoolRuntime(Runtime):
         self.conns: list[Connection] = []
         self.assignment: dict[str, int] = {}
         self.indices: list[list[int]] = []
+        #: Workers whose pipe failed in a request: restarted before the next one.
+        self.broken: set[int] = set()
         self.job_text = ""
         self.mp: Any = None
         self.threads = TorchThreads()
@@ -257,9 +259,13 @@ class ProcessPoolRuntime(Runtime):
         per-client state comes back from the run directory. A worker that cannot start again
         leaves its clients failing this request, each with the reason."""
         for w, proc in enumerate(self.procs):
-            if proc.is_alive():
+            if proc.is_alive() and w not in self.broken:
                 continue
+            if proc.is_alive():  # its pipe failed or went out of step: it cannot be trusted
+                proc.kill()
+            proc.join(timeout=10)
             code = proc.exitcode
+            self.broken.discard(w)
             self.conns[w].close()
             new, conn = self._spawn(ctx, w)
             fatal = _await_ready(conn)
@@ -317,6 +323,7 @@ class ProcessPoolRuntime(Runtime):
                         self._next(w, unread)
                     except (EOFError, OSError, ValueError):
                         gone[w] = "gone"
+            self.broken.update(gone)
 
     def _next(self, worker: int, unread: dict[int, int]) -> tuple[dict[str, Any], Any]:
         unread[worker] -= 1
