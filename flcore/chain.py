@@ -71,7 +71,12 @@ class Chain:
         # pluggy calls the last registered first: register the chain backwards, the defaults
         # first, so that pluggy's own order is the chain's.
         for name, plugin in reversed(ordered):
-            register_checked(self.pm, name, plugin, (distributions or {}).get(name))
+            if with_defaults and name in DEFAULT_PLUGINS:
+                # the core's own modules, whose hooks the core's tests check: pluggy's own
+                # validation is enough, and two chains a run need not check them twice more
+                self.pm.register(plugin, name=name)
+            else:
+                register_checked(self.pm, name, plugin, (distributions or {}).get(name))
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as err:  # register_checked refused these first
@@ -82,6 +87,10 @@ class Chain:
                 self._tracker.watch(impl, record=caller.name != ROLLBACK)
         self._position = {name: i for i, name in enumerate(self.names)}
         self._order: dict[str, tuple[str, ...]] = {}
+        #: Hook callers by name, and whether anything implements a hook: asked per batch
+        #: of the local loop and per client, so looked up once.
+        self._callers: dict[str, pluggy.HookCaller] = {}
+        self._handles: dict[str, bool] = {}
         self._with_defaults = with_defaults
         self._distributions = dict(distributions or {})
         #: ``(object found, its section, where)`` of each plugin for_job created: fresh() again.
@@ -150,7 +159,10 @@ class Chain:
 
     def handles(self, hook: str) -> bool:
         """Whether any plugin in the chain implements ``hook`` (firing it would call someone)."""
-        return bool(self._call_order(hook))
+        found = self._handles.get(hook)
+        if found is None:
+            found = self._handles[hook] = bool(self._call_order(hook))
+        return found
 
     # -- calling hooks ------------------------------------------------------------------
 
@@ -183,13 +195,17 @@ class Chain:
         """Ask a strategy hook: the first answer other than ``None``, in chain order (pluggy's
         ``firstresult``); a wrapper may replace it."""
         caller = self._required(hook)
-        with self._tracker.call() as call:
-            try:
-                return caller(ctx=ctx, **kwargs)
-            except _PASSED_ON:
-                raise
-            except Exception as err:
-                raise _failure("strategy_failed", hook, ctx, call.raiser(err), err) from err
+        stack = self._tracker.stack()
+        call = _Call()
+        stack.append(call)
+        try:
+            return caller(ctx=ctx, **kwargs)
+        except _PASSED_ON:
+            raise
+        except Exception as err:
+            raise _failure("strategy_failed", hook, ctx, call.raiser(err), err) from err
+        finally:
+            stack.pop()
 
     def answers(self, hook: str, ctx: FLContext, **kwargs: Any) -> list[tuple[str, Any]]:
         """Every answer other than ``None`` to a strategy hook, with its plugin, in chain order:
@@ -257,8 +273,12 @@ class Chain:
         return caller
 
     def _required(self, hook: str) -> pluggy.HookCaller:
-        caller = self._caller(hook)
+        caller = self._callers.get(hook)
+        if caller is not None:
+            return caller
+        caller = self._callers[hook] = self._caller(hook)  # type: ignore[assignment]
         if caller is None:
+            del self._callers[hook]
             raise PluginError(
                 f"no hook {hook!r}: neither the core nor a plugin in the chain declares it"
             )
@@ -293,26 +313,24 @@ class _Tracker:
     def __init__(self) -> None:
         #: Plugins that handled an event since the round began, as an ordered set.
         self.handled: dict[str, None] = {}
-        self._local = threading.local()  # calls nest per thread (a gRPC server has several)
+        self._local = _Stacks()  # calls nest per thread (a gRPC server has several)
 
-    def _calls(self) -> list[_Call]:
-        calls: list[_Call] | None = getattr(self._local, "calls", None)
-        if calls is None:
-            calls = self._local.calls = []
-        return calls
+    def stack(self) -> list[_Call]:
+        """This thread's calls in progress, innermost last."""
+        return self._local.calls
 
     def call(self) -> _CallScope:
-        return _CallScope(self._calls())
+        return _CallScope(self._local.calls)
 
     def watch(self, impl: pluggy.HookImpl, record: bool) -> None:
         fn: Callable[..., Any] = impl.function
         name = impl.plugin_name
-        calls = self._calls
+        local, handled = self._local, self.handled
 
         def entered() -> _Call | None:
-            if record and name not in self.handled:
-                self.handled[name] = None
-            stack = calls()
+            if record and name not in handled:
+                handled[name] = None
+            stack = local.calls
             if stack:
                 stack[-1].entered = name
                 return stack[-1]
@@ -339,7 +357,12 @@ class _Tracker:
 
             @functools.wraps(fn)
             def handler(*args: Any, **kwargs: Any) -> Any:
-                call = entered()
+                if record and name not in handled:  # entered(), inlined: every hook call
+                    handled[name] = None
+                stack = local.calls
+                call = stack[-1] if stack else None
+                if call is not None:
+                    call.entered = name
                 try:
                     result = fn(*args, **kwargs)
                 except Exception as err:
@@ -351,6 +374,13 @@ class _Tracker:
 
             tracked = handler
         impl.function = tracked  # type: ignore[misc]  # Final in pluggy's stubs, a slot at run time
+
+
+class _Stacks(threading.local):
+    """Each thread's stack of calls in progress, there from the thread's first look."""
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
 
 
 class _CallScope:

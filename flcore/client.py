@@ -110,7 +110,7 @@ class Client:
                 if saved is not None:
                     ctx.state = dict(saved)
         if round_ == self.state_round:
-            ctx.state = copy.deepcopy(self.state_before)
+            ctx.state = copy.deepcopy(self.state_before) if self.state_before else {}
             return
         if round_ < self.state_round:  # a server resumed from an earlier round than we saw
             if self.store is None and (ctx.state or self.state_before):
@@ -120,7 +120,8 @@ class Client:
                 )
             saved = self.store.load(before_round=round_) if self.store is not None else None
             ctx.state = dict(saved or {})
-        self.state_round, self.state_before = round_, copy.deepcopy(ctx.state)
+        self.state_round = round_
+        self.state_before = copy.deepcopy(ctx.state) if ctx.state else {}
 
     def keep_state(self) -> None:
         """Write ``ctx.state`` for the round just answered (nothing while it is empty)."""

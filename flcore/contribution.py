@@ -232,21 +232,31 @@ def metrics_problem(metrics: Any, depth: int = codec.MAX_DEPTH) -> str | None:
 
     Other values pass: ``None`` (no value, such as ``initial_validation_metric`` without
     validation data), strings and booleans are reports that no mean or selection counts
-    (model_selection skips them by type), so they can neither overflow nor steer a round."""
-    pending: list[tuple[str, Any, int]] = [("metrics", metrics, 0)]
-    while pending:
-        path, value, level = pending.pop()
-        if isinstance(value, Mapping | list) and level >= depth:
-            return f"{path} is nested deeper than {depth} levels"
-        if isinstance(value, Mapping):
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    return f"{path} has a key that is a {type(key).__name__}, not a str"
-                pending.append((f"{path}.{key:.40}", item, level + 1))
-        elif isinstance(value, list):
-            pending += ((f"{path}[{i}]", item, level + 1) for i, item in enumerate(value))
-        elif not (value is None or isinstance(value, str | bool)):
-            problem = metric_problem(value)
-            if problem:
-                return f"{path} {problem}"
-    return None
+    (model_selection skips them by type), so they can neither overflow nor steer a round.
+    Every client's every round passes here: the path to a value is spelt out only for the
+    value that fails."""
+    problem = _metrics_problem(metrics, depth, depth)
+    return None if problem is None else f"metrics{problem}"
+
+
+def _metrics_problem(value: Any, depth: int, limit: int) -> str | None:
+    if type(value) is float:  # the common case first: no isinstance chain
+        return None if -MAX_METRIC <= value <= MAX_METRIC else f" {metric_problem(value)}"
+    kind = type(value)
+    if kind is dict or kind is list or isinstance(value, Mapping):
+        if depth <= 0:
+            return f" is nested deeper than {limit} levels"
+        mapping = kind is not list
+        for key, item in value.items() if mapping else enumerate(value):
+            if mapping and type(key) is not str:
+                return f" has a key that is a {type(key).__name__}, not a str"
+            if type(item) is float and -MAX_METRIC <= item <= MAX_METRIC:
+                continue
+            problem = _metrics_problem(item, depth - 1, limit)
+            if problem is not None:
+                return (f".{key:.40}" if mapping else f"[{key}]") + problem
+        return None
+    if value is None or isinstance(value, str | bool):
+        return None
+    problem = metric_problem(value)
+    return None if problem is None else f" {problem}"
