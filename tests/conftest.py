@@ -31,6 +31,21 @@ def small_job(chain: list[str] | None = None, **sections: dict[str, Any]) -> Job
     return Job.from_dict(data, source="small.toml")
 
 
+def three_rounds() -> Job:
+    """:func:`small_job` with three rounds: long enough to cut and resume in the middle."""
+    return small_job(job={"rounds": 3})
+
+
+@pytest.fixture(scope="session")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The final global model of the uninterrupted :func:`three_rounds` run, which the
+    resume tests end on."""
+    from flcore.run import run_job
+
+    out = tmp_path_factory.mktemp("whole") / "run"
+    return run_job(three_rounds(), out=out).global_model_path.read_bytes()
+
+
 @pytest.fixture(scope="session")
 def plugin_env_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An environment with flcore and tests/fixtures/test_plugins pip-installed (built from

@@ -19,20 +19,9 @@ import pytest
 from flcore import hookimpl, write_atomic
 from flcore.errors import FLCoreError
 from flcore.run import run_job
-from tests.conftest import ROOT, small_job
+from tests.conftest import ROOT, small_job, three_rounds
 
 ENOSPC = os.strerror(errno.ENOSPC)
-
-
-def three_rounds() -> Any:
-    return small_job(job={"rounds": 3})
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The final global model of the uninterrupted run."""
-    out = tmp_path_factory.mktemp("whole") / "run"
-    return run_job(three_rounds(), out=out).global_model_path.read_bytes()
 
 
 def _path_of(fd: int) -> str:

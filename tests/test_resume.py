@@ -17,7 +17,7 @@ from flcore.durable import StorageError
 from flcore.errors import FLCoreError
 from flcore.run import resume_job, run_job
 from flcore.training import ResumeRefused, RunFailed
-from tests.conftest import ROOT, small_job
+from tests.conftest import ROOT, small_job, three_rounds
 
 
 class Counter:
@@ -158,17 +158,6 @@ def test_flcore_run_resume_on_the_command_line(
 
 
 # -- what a crash or a full disk leaves, and what a resume refuses ----------------------
-
-
-def three_rounds() -> Any:
-    return small_job(job={"rounds": 3})
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """The final global model of the uninterrupted three-round run."""
-    out = tmp_path_factory.mktemp("whole") / "run"
-    return run_job(three_rounds(), out=out).global_model_path.read_bytes()
 
 
 def cut_after(
