@@ -32,7 +32,6 @@ from tests.test_fuzz_codec import (
 
 SEED = 23
 INPUTS = 3000
-SLOWEST = 1.0
 MAX_SIZE = 1 << 16  # the receiver's limit ([job] max_message_mb, in bytes)
 
 #: The unary messages of the protocol: join, heartbeat, work request, join answer, job request.
@@ -189,7 +188,6 @@ def test_mutated_wire_messages_only_ever_parse_or_raise_wire_errors(
     print(f"\nwire fuzz: {summary}")
     record_property("fuzz", json.dumps(summary))
     assert not crashes, crashes[:5]
-    assert slowest < SLOWEST
     assert counts["refused"] > counts["tried"] // 3
     assert counts["payloads accepted"] > 0
 

@@ -4,7 +4,6 @@ once, and a round builds only its cohort."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -59,9 +58,7 @@ def test_a_million_clients_start_at_once_and_none_is_built() -> None:
         log=make_logger(None, console_level="critical"),
     )
     runtime = EmbeddedRuntime()
-    began = time.perf_counter()
     names = runtime.start(ctx)  # type: ignore[arg-type]
-    assert time.perf_counter() - began < 5.0
     assert len(names) == MAX_CLIENTS and names[-1] == f"client-{MAX_CLIENTS - 1}"
     assert LOADED == [] and runtime.clients == {}
 
