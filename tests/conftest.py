@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,21 @@ def small_job(chain: list[str] | None = None, **sections: dict[str, Any]) -> Job
         else:
             data.setdefault(section, {}).update(values)
     return Job.from_dict(data, source="small.toml")
+
+
+def flcore_in(
+    python: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m flcore ARGS`` from the repo root, as a user runs it, with ``env`` added to
+    this process's environment."""
+    return subprocess.run(
+        [str(python), "-m", "flcore", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def three_rounds() -> Job:

@@ -4,14 +4,13 @@ each client, is the same on every runtime, and survives a SIGKILL and ``--resume
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from flcore import hookimpl, saved_state
 from flcore.run import run_job
-from tests.conftest import ROOT, small_job
+from tests.conftest import flcore_in, small_job
 from tests.fixtures.test_plugins.flcore_test_plugins.algorithms import RoundCounter
 
 
@@ -80,17 +79,8 @@ chain = ["round_counter", "kill_server"]
 
 
 def flcore_run(python: Path, *args: str, kill: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "FLCORE_TEST_KILL"}
-    if kill:
-        env["FLCORE_TEST_KILL"] = "1"
-    return subprocess.run(
-        [str(python), "-m", "flcore", "run", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    """``flcore run ARGS``; ``kill``: the kill_server plugin SIGKILLs the run."""
+    return flcore_in(python, "run", *args, env={"FLCORE_TEST_KILL": "1"} if kill else None)
 
 
 def test_per_client_state_is_the_same_on_every_runtime_and_survives_sigkill(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.conftest import flcore_in as flcore
 
 
 @pytest.fixture
@@ -19,19 +19,6 @@ def python(plugin_env_python: Path) -> Path:
 
 #: The test plugins that write to a log file named in their settings.
 LOGGING = {"recorder_a", "recorder_b", "watcher", "early"}
-
-
-def flcore(
-    python: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(python), "-m", "flcore", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def job_file(tmp_path: Path, chain: list[str], extra: str = "", rounds: int = 2) -> Path:

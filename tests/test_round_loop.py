@@ -4,7 +4,6 @@ per round, ``shutdown`` after a failed ``startup``, the cohort, and one trainer 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from flcore.errors import JobError
 from flcore.run import run_job
 from flcore.trainer import ModelTrainer
 from flcore.training import RunFailed
-from tests.conftest import ROOT, small_job
+from tests.conftest import flcore_in, small_job
 
 
 def events(run_dir: Path, name: str) -> list[dict[str, Any]]:
@@ -93,13 +92,7 @@ def test_retry_with_max_retries_2_makes_exactly_3_attempts_then_exits_1(
         '[plugins]\nchain = ["failing"]\n[plugins.failing]\nround = 1\n'
     )
     out = tmp_path / "run"
-    done = subprocess.run(
-        [str(plugin_env_python), "-m", "flcore", "run", str(job), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = flcore_in(plugin_env_python, "run", str(job), "--out", str(out))
     assert done.returncode == 1, done.stderr
     assert "tried 3 time(s) in all ([job] max_retries = 2)" in done.stderr
     assert "Traceback" not in done.stderr

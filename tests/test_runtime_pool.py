@@ -13,7 +13,7 @@ import pytest
 from flcore import hookimpl
 from flcore.errors import JobError
 from flcore.run import run_job
-from tests.conftest import ROOT, small_job
+from tests.conftest import ROOT, flcore_in, small_job
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -85,13 +85,7 @@ client = "client-1"
 round = 2
 """)
     out = tmp_path / "run"
-    result = subprocess.run(
-        [str(plugin_env_python), "-m", "flcore", "run", str(job), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = flcore_in(plugin_env_python, "run", str(job), "--out", str(out))
     assert result.returncode == 0, result.stderr
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2, 3]
