@@ -20,9 +20,15 @@ from flcore.context import ClientContext
 from flcore.contribution import MAX_SAMPLES, Contribution, brief, metric_problem
 from flcore.data import derive_seed, split_validation
 from flcore.defaults.evaluation import primary_metric
-from flcore.errors import CodecError
+from flcore.errors import CodecError, FLCoreError
 from flcore.flat_model import flat_model
 from flcore.state import state_dict
+
+
+def failure_reason(err: Exception) -> str:
+    """What the server hears of a client's failure: flcore's own errors say what was wrong
+    in their message; anything else (the user's code) is named by its type too."""
+    return str(err) if isinstance(err, FLCoreError) else f"{type(err).__name__}: {err}"
 
 
 def client_name(index: int) -> str:
@@ -98,6 +104,17 @@ class Client:
             return bytes(answer)
         finally:
             self.ctx.global_model = {}  # views of the request's payload: not kept past it
+
+    def answer(
+        self, request: str, payload: codec.Payload
+    ) -> tuple[codec.Payload | None, str | None]:
+        """:meth:`handle`, as ``(reply, None)`` or ``(None, why)``: the user's code on a client
+        may fail in any way, and the runtime hands the server the reason instead of failing
+        with it."""
+        try:
+            return self.handle(request, payload), None
+        except Exception as err:
+            return None, failure_reason(err)
 
     def begin_state_round(self, round_: int) -> None:
         """Bring ``ctx.state`` to the start of round ``round_``: read it from disk once (a

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from flcore.client import Client, RequestMemo
+from flcore.client import Client, RequestMemo, failure_reason
 from flcore.codec import Payload
 from flcore.context import ServerContext
-from flcore.errors import FLCoreError
 from flcore.runtime.base import ClientResult, Runtime, TorchThreads
 from flcore.runtime.host import client_state_dir
 
@@ -71,13 +70,12 @@ class EmbeddedRuntime(Runtime):
         try:
             for name in clients:
                 try:
-                    reply = self.client(ctx, name).handle(request, payload)
-                except FLCoreError as err:
-                    yield ClientResult(name, error=str(err))
-                except Exception as err:  # the user's code on a client may fail in any way
-                    yield ClientResult(name, error=f"{type(err).__name__}: {err}")
-                else:
-                    yield ClientResult(name, payload=reply)
+                    client = self.client(ctx, name)
+                except Exception as err:  # its data would not load: it misses this round
+                    yield ClientResult(name, error=failure_reason(err))
+                    continue
+                reply, error = client.answer(request, payload)
+                yield ClientResult(name, payload=reply, error=error)
         finally:
             self.memo.clear()  # the request's payload is not kept past its round
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from flcore.codec import Payload
-from flcore.errors import FLCoreError
 
 #: The folder of a run directory that holds each simulated client's own state.
 CLIENTS_DIR = "clients"
@@ -72,14 +71,9 @@ class ClientHost:
     def answer(
         self, client: str, request: str, payload: Payload
     ) -> tuple[Payload | None, str | None]:
-        """``(reply, None)``, or ``(None, why)`` when the client failed: the user's code on a
-        client may fail in any way, and the server hears why instead of losing the host."""
-        try:
-            return self.clients[client].handle(request, payload), None
-        except FLCoreError as err:
-            return None, str(err)
-        except Exception as err:
-            return None, f"{type(err).__name__}: {err}"
+        """``(reply, None)``, or ``(None, why)`` when the client failed
+        (:meth:`flcore.client.Client.answer`)."""
+        return self.clients[client].answer(request, payload)
 
     def request_done(self) -> None:
         """The request was answered by every client asked: its decoded payload may go."""
