@@ -31,11 +31,6 @@ def failure_reason(err: Exception) -> str:
     return str(err) if isinstance(err, FLCoreError) else f"{type(err).__name__}: {err}"
 
 
-def client_name(index: int) -> str:
-    """The default name of the client at ``index`` (0-based): ``client-<index>``."""
-    return f"client-{index}"
-
-
 class Client:
     """One federation member, with its own context, data split, model and per-client state.
 

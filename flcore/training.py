@@ -96,11 +96,6 @@ class Training:
         """The sha256 of the resolved job (``job.toml``): a resume of an edited one is refused."""
         return hashlib.sha256(self.job.to_toml().encode()).hexdigest()
 
-    @property
-    def clients(self) -> list[str]:
-        """The federation's members, in client order."""
-        return list(self.ctx.clients)
-
     # -- the run ----------------------------------------------------------------------
 
     def check(self) -> None:

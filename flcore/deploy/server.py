@@ -26,7 +26,6 @@ from typing import Any
 import attrs
 import grpc
 
-from flcore.client import client_name
 from flcore.codec import Payload, write_atomic
 from flcore.context import ServerContext
 from flcore.deploy import wire
@@ -44,10 +43,9 @@ ADDRESS_FILE = "server.json"
 
 
 def allowed_clients(job: Any) -> list[str]:
-    """The names that may join, in data order: ``[job] allowed_clients``, else the
-    simulation's ``client-0`` ... ``client-N-1``."""
-    names = job.job.allowed_clients
-    return list(names) if names is not None else [client_name(i) for i in range(job.job.clients)]
+    """The names that may join, in data order: the job's client names
+    (:attr:`flcore.job.Job.client_names`), the same as a simulation's."""
+    return list(job.client_names)
 
 
 def job_digest(job: Any) -> str:
