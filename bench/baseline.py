@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from flcore.client import client_name
 from flcore.data import derive_seed, seed_torch
 
 
@@ -61,7 +60,7 @@ def local_sgd(
     lr: float,
 ) -> None:
     """One client's local training in one round, seeded as a job seeds it."""
-    client_seed = derive_seed(seed, "train", round_, client_name(index))
+    client_seed = derive_seed(seed, "train", round_, f"client-{index}")  # the default name
     seed_torch(client_seed)
     generator = torch.Generator().manual_seed(client_seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
